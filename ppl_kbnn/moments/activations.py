@@ -1,0 +1,295 @@
+r"""Elementwise activations of Gaussian inputs: ReLU, GELU (exact), sigmoid and tanh (probit).
+
+For ``x ~ N(m, v)``, ``σ = √v``, each activation ``g`` gives
+
+* the mean ``E[g(x)]`` and variance ``Var[g(x)]``;
+* the input–output cross-covariance. For jointly Gaussian inputs Stein's lemma gives, exactly,
+  ``Cov(x_i, g(x_j)) = Cov(x_i, x_j) E[g'(x_j)]``, so one number per element, ``E[g']``, carries
+  every cross-covariance the backward pass needs (the "Theorem 1" of Wright et al. 2024);
+* the off-diagonal output covariance by Wright et al.'s series (AISTATS 2024, Thm. 1)
+
+  .. math:: \mathrm{Cov}(g(x_i), g(x_j)) = \sum_{k\ge 1} \frac{\rho_{ij}^k}{k!}\, a_{ik} a_{jk},
+            \qquad a_k = \sigma^k\,\partial^k_m E[g(x)],
+
+  truncated at ``series_order`` terms (an approximation, measured against Monte Carlo in
+  the tests); the diagonal is always the exact variance.
+
+Closed forms (``α = m/σ``; ``φ``, ``Φ`` standard normal pdf/cdf; ``He_k`` Hermite):
+
+ReLU (exact):
+    ``E = σ(αΦ(α) + φ(α))``, ``Var = v[(α²+1)Φ(α) + αφ(α) - (αΦ(α)+φ(α))²]``,
+    ``E[g'] = Φ(α)``, ``a_k = σ(-1)^k He_{k-2}(α) φ(α)`` for ``k ≥ 2``.
+
+GELU ``g(x) = xΦ(x)`` (exact), with ``c = √(1+v)``, ``u = m/c``:
+    ``E = mΦ(u) + (v/c)φ(u)``, ``E[g'] = Φ(u) + uφ(u)/c²``,
+    ``a_k = (σ/c)^{k-1} σ (-1)^k [He_{k-2}(u) - He_k(u)/c²] φ(u)``,
+    ``E[g²]`` in closed form through the bivariate normal cdf (derivation in ``docs/moments/activations.md``).
+
+Sigmoid (probit approximation ``sig(x) ≈ Φ(λx)``, ``λ² = π/8``: the one approximation here).
+With ``t = √(1 + λ²v)``, ``u = λm/t``, ``r = sig'(m/t) / (λφ(u))``:
+    ``E ≈ sig(m/t)`` (MacKay), ``E[g'] ≈ sig'(m/t)/t``,
+    ``Var ≈ r² (Φ₂(u, u; λ²v/t²) - Φ(u)²)`` — the exact variance of the surrogate ``Φ(λx)``,
+    rescaled by the ratio of the slopes at the mean so that it is exact as ``v → 0``
+    ("slope-matched probit"; KBNN's ``E(1-E)(1-1/t)`` is off by 20% at small ``v``, see docs),
+    ``a_k ≈ r (σλ/t)^k (-1)^{k-1} He_{k-1}(u) φ(u)``.
+
+Tanh: ``tanh(x) = 2 sig(2x) - 1``, so every moment follows from the sigmoid's at ``(2m, 4v)``.
+
+A zero input variance returns the deterministic activation exactly. For ``v < SERIES_VAR``
+the GELU/sigmoid variance is taken from the series (no cancellation in ``E[g²] - E[g]²``;
+at that size its truncation error is below round-off).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_same_dtype, check_tensor, check_variance, is_validating
+from ._gauss import Phi, bvn_equal, hermite, phi
+from .kinds import CovKind, as_kind, check_cov, flatten_joint, marginal_var, unflatten_joint
+
+LAMBDA2 = math.pi / 8.0
+"""Probit constant ``λ²`` of the approximation ``sig(x) ≈ Φ(λx)``."""
+SERIES_VAR = 1e-3
+"""Below this input variance the GELU/sigmoid/tanh variance uses the (then exact-to-round-off) series."""
+SERIES_ORDER_VAR = 8
+"""Terms of the series used for small-variance marginal variances."""
+
+
+class _Elementwise(NamedTuple):
+    mean: torch.Tensor  # E[g(x)]
+    var: torch.Tensor  # Var[g(x)]
+    dmean: torch.Tensor  # E[g'(x)] = d E[g] / d m
+    coeffs: torch.Tensor  # (..., K): a_k = σ^k ∂^k E / ∂m^k, k = 1..K
+
+
+def _series_var(coeffs: torch.Tensor) -> torch.Tensor:
+    k = torch.arange(1, coeffs.shape[-1] + 1, dtype=coeffs.dtype, device=coeffs.device)
+    return (coeffs * coeffs / torch.exp(torch.lgamma(k + 1))).sum(-1)
+
+
+def _relu(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
+    pos = v > 0
+    vs = torch.where(pos, v, torch.ones_like(v))
+    s = vs.sqrt()
+    a = m / s
+    Pa, Pna, pa = Phi(a), Phi(-a), phi(a)
+    mean = s * (a * Pa + pa)
+    # Var/v = (α²+1)Φ + αφ - (αΦ+φ)², written with Φ(-α) to avoid cancellation for large α
+    h = a * a * Pa * Pna + Pa + a * pa * (Pna - Pa) - pa * pa
+    var = vs * h.clamp_min(0.0)  # clamp: round-off only (reachable for α < -30)
+    He = hermite(a, max(K - 2, 0))  # He_0 .. He_{K-2}
+    ks = torch.arange(2, K + 1, device=m.device)
+    sign = torch.where(ks % 2 == 0, 1.0, -1.0).to(m.dtype)
+    higher = (s * pa)[..., None] * sign * He[..., : K - 1]
+    coeffs = torch.cat([(s * Pa)[..., None], higher], dim=-1)[..., :K]
+    z = torch.zeros_like(m)
+    return _Elementwise(
+        torch.where(pos, mean, F.relu(m)),
+        torch.where(pos, var, z),
+        torch.where(pos, Pa, (m > 0).to(m.dtype)),
+        torch.where(pos[..., None], coeffs, torch.zeros_like(coeffs)),
+    )
+
+
+def _gelu(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
+    pos = v > 0
+    vs = torch.where(pos, v, torch.ones_like(v))
+    s = vs.sqrt()
+    c2 = 1.0 + vs
+    c = c2.sqrt()
+    u = m / c
+    Pu, pu = Phi(u), phi(u)
+    mean = m * Pu + vs / c * pu
+    dmean = Pu + u * pu / c2
+    coeffs = _gelu_coeffs(m, vs, K)
+    # E[x²Φ(x)²] in closed form (docs/moments/activations.md):
+    rho = vs / c2
+    Fq = bvn_equal(u, rho)  # P(Y1<=0, Y2<=0)
+    p0 = pu / c  # density of Y1 at 0
+    sq = torch.sqrt(1.0 + 2.0 * vs)
+    r = m / (c * sq)
+    P2 = Phi(r)  # P(Y2<=0 | Y1=0)
+    q2 = phi(r) * c / sq  # density of Y2 | Y1=0 at 0
+    Exh = m * Fq + 2.0 * vs * p0 * P2
+    Ex2h = m * Exh + vs * Fq + 2.0 * vs * p0 * (m / c2 * P2 + vs / c2 * q2)
+    var_closed = Ex2h - mean * mean
+    small = _series_var(_gelu_coeffs(m, vs, SERIES_ORDER_VAR))
+    var = torch.where(vs < SERIES_VAR, small, var_closed).clamp_min(0.0)
+    z = torch.zeros_like(m)
+    return _Elementwise(
+        torch.where(pos, mean, F.gelu(m)),
+        torch.where(pos, var, z),
+        torch.where(pos, dmean, Phi(m) + m * phi(m)),
+        torch.where(pos[..., None], coeffs, torch.zeros_like(coeffs)),
+    )
+
+
+def _gelu_coeffs(m: torch.Tensor, v: torch.Tensor, K: int) -> torch.Tensor:
+    """``a_1 = σE[g']``; ``a_k = (σ/c)^{k-1} σ (-1)^k [He_{k-2}(u) - He_k(u)/c²] φ(u)`` for ``k >= 2``."""
+    s = v.sqrt()
+    c2 = 1.0 + v
+    c = c2.sqrt()
+    u = m / c
+    pu = phi(u)
+    He = hermite(u, K)
+    ks = torch.arange(2, K + 1, device=m.device, dtype=m.dtype)
+    sign = torch.where(ks.long() % 2 == 0, 1.0, -1.0).to(m.dtype)
+    higher = (s / c)[..., None] ** (ks - 1) * s[..., None] * sign
+    higher = higher * (He[..., : K - 1] - He[..., 2 : K + 1] / c2[..., None]) * pu[..., None]
+    first = s * (Phi(u) + u * pu / c2)
+    return torch.cat([first[..., None], higher], dim=-1)[..., :K]
+
+
+def _probit_coeffs(m: torch.Tensor, v: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``s = √(λ⁻² + v)``, ``u = m/s`` and the series coefficients of the surrogate ``Φ(λx)``."""
+    s = torch.sqrt(1.0 / LAMBDA2 + v)
+    u = m / s
+    He = hermite(u, max(K - 1, 1))  # He_0 .. He_{K-1}
+    ks = torch.arange(1, K + 1, device=m.device, dtype=m.dtype)
+    sign = torch.where(ks.long() % 2 == 1, 1.0, -1.0).to(m.dtype)
+    coeffs = (v.sqrt() / s)[..., None] ** ks * sign * He[..., :K] * phi(u)[..., None]
+    return s, u, coeffs
+
+
+def _sigmoid(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
+    s, u, coeffs = _probit_coeffs(m, v, K)
+    t = s * math.sqrt(LAMBDA2)  # √(1 + λ²v)
+    mean = torch.sigmoid(m / t)  # MacKay: E[sig(x)] ≈ sig(m/t)
+    slope = mean * torch.sigmoid(-m / t)  # sig'(m/t)
+    r = slope / (math.sqrt(LAMBDA2) * phi(u))  # slope match: sig'(m/t) / (λ φ(λm/t))
+    # surrogate variance Var[Φ(λx)] = Φ₂(u,u;ρ) - Φ(u)², ρ = v/s², then slope-matched
+    var_b = bvn_equal(u, v / (s * s)) - Phi(u) ** 2
+    var_b = torch.where(v < SERIES_VAR, _series_var(_probit_coeffs(m, v, SERIES_ORDER_VAR)[2]), var_b)
+    return _Elementwise(mean, (r * r * var_b).clamp_min(0.0), slope / t, r[..., None] * coeffs)
+
+
+def _tanh(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
+    sg = _sigmoid(2.0 * m, 4.0 * v, K)
+    pos = v > 0
+    return _Elementwise(
+        torch.where(pos, 2.0 * sg.mean - 1.0, torch.tanh(m)),
+        4.0 * sg.var,
+        torch.where(pos, 4.0 * sg.dmean, 1.0 - torch.tanh(m) ** 2),
+        2.0 * sg.coeffs,
+    )
+
+
+def _identity(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
+    coeffs = torch.zeros(*m.shape, K, dtype=m.dtype, device=m.device)
+    coeffs[..., 0] = v.sqrt()
+    return _Elementwise(m, v, torch.ones_like(m), coeffs)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], _Elementwise]] = {
+    "relu": _relu,
+    "gelu": _gelu,
+    "sigmoid": _sigmoid,
+    "tanh": _tanh,
+    "identity": _identity,
+}
+"""Supported activations by name."""
+
+
+def _marginal(name: str, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if is_validating():
+        check_tensor("mean", mean)
+        check_variance("var", var)
+        check_same_dtype(mean=mean, var=var)
+        if mean.shape != var.shape:
+            raise ValueError(f"mean and var must have the same shape, got {tuple(mean.shape)} and {tuple(var.shape)}")
+    e = ACTIVATIONS[name](mean, var, 1)
+    return e.mean, e.var, var * e.dmean
+
+
+def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact ``(E[z], Var[z], Cov(x, z))`` of ``z = ReLU(x)``, ``x ~ N(mean, var)``, elementwise."""
+    return _marginal("relu", mean, var)
+
+
+def gelu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact ``(E[z], Var[z], Cov(x, z))`` of ``z = GELU(x) = xΦ(x)``, elementwise."""
+    return _marginal("gelu", mean, var)
+
+
+def sigmoid_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(E[z], Var[z], Cov(x, z))`` of ``z = sigmoid(x)`` under the probit approximation ``Φ(λx)``."""
+    return _marginal("sigmoid", mean, var)
+
+
+def tanh_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(E[z], Var[z], Cov(x, z))`` of ``z = tanh(x) = 2 sigmoid(2x) - 1`` (probit approximation)."""
+    return _marginal("tanh", mean, var)
+
+
+class ActivationMoments(NamedTuple):
+    """Output of :func:`activation_moments`.
+
+    Attributes:
+        mean: ``(..., T, d)``.
+        cov: output covariance in the input's kind.
+        cross: ``Cov(x, g(x))`` in the input's kind layout (not symmetric for token/joint):
+            ``Cov(x_i, g(x_j)) = P_ij E[g'(x_j)]``.
+        dmean: ``E[g'(x)]`` ``(..., T, d)``: the factor that carries any cross-covariance
+            through the activation, ``Cov(y, g(x)) = Cov(y, x) diag(E[g'])`` for ``y`` jointly Gaussian with ``x``.
+    """
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    cross: torch.Tensor
+    dmean: torch.Tensor
+
+
+def activation_moments(
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    *,
+    activation: str,
+    kind: str | CovKind = "diag",
+    series_order: int = 10,
+) -> ActivationMoments:
+    """Moments of an elementwise activation applied to a Gaussian sequence ``(..., T, d)``.
+
+    The marginal moments are exact (sigmoid/tanh: exact for the probit surrogate); the
+    off-diagonal output covariance (``token``/``joint`` kinds) is Wright's series truncated at
+    ``series_order`` terms; the cross-covariance is exact (Stein's lemma).
+    """
+    kind = as_kind(kind)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    if series_order < 1:
+        raise ValueError(f"series_order must be >= 1, got {series_order}")
+    if is_validating():
+        check_tensor("mean", mean, min_dim=2)
+        check_cov("cov", cov, kind, *mean.shape[-2:])
+        check_same_dtype(mean=mean, cov=cov)
+    v = marginal_var(cov, kind)
+    e = ACTIVATIONS[activation](mean, v, series_order)
+    if kind is CovKind.DIAG:
+        return ActivationMoments(e.mean, e.var, v * e.dmean, e.dmean)
+    T, d = mean.shape[-2:]
+    if kind is CovKind.TOKEN:
+        P, a, sd, var, dm = cov, e.coeffs, v.sqrt(), e.var, e.dmean  # per token: (..., T, d, d)
+    else:
+        P = flatten_joint(cov)  # (..., Td, Td)
+        flat = mean.shape[:-2] + (T * d,)
+        a, sd, var, dm = (e.coeffs.reshape(*flat, -1), v.sqrt().reshape(flat), e.var.reshape(flat), e.dmean.reshape(flat))
+    denom = sd[..., :, None] * sd[..., None, :]
+    rho = torch.where(denom > 0, P / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(P))
+    out = torch.zeros_like(P)
+    rho_k = torch.ones_like(P)
+    fact = 1.0
+    for k in range(1, series_order + 1):  # a loop over series terms, not over neurons or tokens
+        rho_k = rho_k * rho
+        fact *= k
+        out = out + rho_k / fact * a[..., :, None, k - 1] * a[..., None, :, k - 1]
+    out = out - torch.diag_embed(torch.diagonal(out, dim1=-2, dim2=-1)) + torch.diag_embed(var)
+    cross = P * dm[..., None, :]
+    if kind is CovKind.JOINT:
+        out, cross = unflatten_joint(out, T, d), unflatten_joint(cross, T, d)
+    return ActivationMoments(e.mean, out, cross, e.dmean)
