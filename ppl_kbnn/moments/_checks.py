@@ -58,8 +58,8 @@ def check_tensor(name: str, x: torch.Tensor, min_dim: int = 0) -> None:
 
 def check_shape(name: str, x: torch.Tensor, shape: tuple[int | None, ...]) -> None:
     """The trailing dims of ``x`` equal ``shape`` (``None`` matches any size)."""
-    tail = tuple(x.shape[x.dim() - len(shape):]) if x.dim() >= len(shape) else None
-    ok = tail is not None and all(s is None or s == t for s, t in zip(shape, tail))
+    tail = tuple(x.shape[x.dim() - len(shape) :]) if x.dim() >= len(shape) else None
+    ok = tail is not None and all(s is None or s == t for s, t in zip(shape, tail, strict=True))
     if not ok:
         want = "(..., " + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")

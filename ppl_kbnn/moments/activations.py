@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
 from ._checks import check_same_dtype, check_tensor, check_variance, is_validating
 from ._gauss import Phi, bvn_equal, hermite, phi
@@ -100,7 +100,6 @@ def _relu(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
 def _gelu(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
     pos = v > 0
     vs = torch.where(pos, v, torch.ones_like(v))
-    s = vs.sqrt()
     c2 = 1.0 + vs
     c = c2.sqrt()
     u = m / c
@@ -278,7 +277,8 @@ def activation_moments(
     else:
         P = flatten_joint(cov)  # (..., Td, Td)
         flat = mean.shape[:-2] + (T * d,)
-        a, sd, var, dm = (e.coeffs.reshape(*flat, -1), v.sqrt().reshape(flat), e.var.reshape(flat), e.dmean.reshape(flat))
+        a, sd = e.coeffs.reshape(*flat, -1), v.sqrt().reshape(flat)
+        var, dm = e.var.reshape(flat), e.dmean.reshape(flat)
     denom = sd[..., :, None] * sd[..., None, :]
     rho = torch.where(denom > 0, P / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(P))
     out = torch.zeros_like(P)

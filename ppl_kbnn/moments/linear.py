@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from ._checks import check_psd, check_same_dtype, check_shape, check_tensor, check_variance, is_validating
 from .kinds import CovKind, as_kind, check_cov
@@ -61,9 +62,7 @@ def _check_weights(w_mean: torch.Tensor, w_cov: torch.Tensor | None, w_kind: str
         raise ValueError(f"w_mean: expected shape (d_out, p), got {tuple(w_mean.shape)}")
     n, p = w_mean.shape
     if p not in (d_in, d_in + 1):
-        raise ValueError(
-            f"w_mean: last dim must be d_in={d_in} (no bias) or d_in+1={d_in + 1} (bias last), got {p}"
-        )
+        raise ValueError(f"w_mean: last dim must be d_in={d_in} (no bias) or d_in+1={d_in + 1} (bias last), got {p}")
     if w_cov is None:
         return
     if w_kind == "block":
@@ -115,7 +114,7 @@ def linear_moments(
     m_aug = augment(mean) if p == d_in + 1 else mean  # (..., T, p)
     W = w_mean[:, :d_in]  # (n, d_in): the part that multiplies the random input
 
-    y_mean = torch.einsum("...tp,np->...tn", m_aug, w_mean)  # (..., T, n)
+    y_mean = F.linear(mean, W, w_mean[:, d_in] if p == d_in + 1 else None)  # (..., T, n), as nn.Linear
 
     # A: input uncertainty through the mean weights; cross = Cov(u, y)
     cross = None
