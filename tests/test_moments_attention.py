@@ -177,8 +177,11 @@ def test_attention_values_match_monte_carlo(kind, gen):
         v_cov = torch.diagonal(v_cov, dim1=-2, dim2=-1)
     out = attention_value_moments(a_mean, a_cov, v_mean, v_cov, kind=kind)
     A = sample_gaussian(a_mean, a_cov, N, gen)  # (N, T, S), rows independent
-    V = v_mean + (torch.randn(N, S, dv, generator=gen) * v_cov.sqrt() if kind == "diag" else
-                  sample_gaussian(torch.zeros(S, dv), v_cov, N, gen))
+    V = v_mean + (
+        torch.randn(N, S, dv, generator=gen) * v_cov.sqrt()
+        if kind == "diag"
+        else sample_gaussian(torch.zeros(S, dv), v_cov, N, gen)
+    )
     o = A @ V  # (N, T, dv)
     assert mc_mean(o, out.mean).max_z < 4
     if kind == "token":

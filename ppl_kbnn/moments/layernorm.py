@@ -5,8 +5,8 @@ LayerNorm has no closed-form Gaussian moments. Two named approximations:
 ``method="linearised"`` (default; first-order Taylor expansion at the mean ``m``):
 
 .. math::
-    E[y] \approx \mathrm{LN}(m), \quad \mathrm{Cov}(y) \approx J P J^\top, \quad
-    \mathrm{Cov}(u, y) \approx P J^\top, \\
+    E[y_i] \approx \mathrm{LN}(m)_i + \tfrac12\mathrm{tr}(H_i P)\ \text{(order 2; order 1 drops it)}, \\
+    \mathrm{Cov}(y) \approx J P J^\top, \quad \mathrm{Cov}(u, y) \approx P J^\top, \\
     J = \frac{\mathrm{diag}(\gamma)}{\hat\sigma}\Big(I - \tfrac{1}{d}\mathbf{1}\mathbf{1}^\top
         - \tfrac{1}{d}\hat x \hat x^\top\Big), \quad
     \hat\sigma = \sqrt{\mathrm{var}(m) + \varepsilon}, \quad \hat x = (m - \bar m)/\hat\sigma .
@@ -58,6 +58,7 @@ def layernorm_moments(
     eps: float = 1e-5,
     kind: str | CovKind = "diag",
     method: str = "linearised",
+    order: int = 2,
 ) -> LayerNormMoments:
     """Approximate moments of LayerNorm over the last dim of a Gaussian sequence ``(..., T, d)``.
 
@@ -67,10 +68,14 @@ def layernorm_moments(
         eps: LayerNorm's ``ε``.
         kind: covariance layout of input and output.
         method: ``"linearised"`` (first-order Taylor at the mean) or ``"frozen"`` (expected statistics).
+        order: ``"linearised"`` only: ``1`` gives ``E[y] ≈ LN(m)``; ``2`` (default) adds the
+            second-order mean correction ``½ tr(H_i P)``. The covariance is first order either way.
     """
     kind = as_kind(kind)
     if method not in ("linearised", "frozen"):
         raise ValueError(f"unknown LayerNorm method {method!r}; expected 'linearised' or 'frozen'")
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order}")
     T, d = mean.shape[-2:]
     if is_validating():
         check_tensor("mean", mean, min_dim=2)
@@ -102,6 +107,8 @@ def layernorm_moments(
         jac = gamma[:, None] / sigma[..., None] * centring  # (..., T, d, d)
     if method == "linearised":
         y_mean = F.layer_norm(mean, (d,), gamma, beta, eps)  # LN(m), as nn.LayerNorm
+        if order == 2:
+            y_mean = y_mean + gamma * _second_order_correction(token_blocks(cov, kind), xhat, sigma, centring)
     else:
         y_mean = gamma * xhat + beta  # (..., T, d)
 
@@ -116,3 +123,21 @@ def layernorm_moments(
         cross = torch.einsum("...tisj,...saj->...tisa", cov, jac)  # (..., T, d, T, d)
         y_cov = torch.einsum("...tbi,...tisa->...tbsa", jac, cross)
     return LayerNormMoments(y_mean, y_cov, cross, jac)
+
+
+def _second_order_correction(
+    P: torch.Tensor, xhat: torch.Tensor, sigma: torch.Tensor, centring: torch.Tensor
+) -> torch.Tensor:
+    r"""``½ tr(H_i P) / γ_i`` for the normalised ``x̂_i = c_i/σ̂`` (``c = (I - 11ᵀ/d) u``).
+
+    With ``P̃ = (I - 11ᵀ/d) P (I - 11ᵀ/d)`` the covariance of ``c``:
+
+    .. math:: 	frac12 \mathrm{tr}(H_i P) = rac{1}{\hat\sigma^2}\Big[-rac{(	ilde P\hat x)_i}{d}
+              - rac{\hat x_i\,\mathrm{tr}	ilde P}{2d} + rac{3\hat x_i\,\hat x^	op	ilde P\hat x}{2d^2}\Big]
+    """
+    d = xhat.shape[-1]
+    Pc = centring @ P @ centring  # (..., T, d, d)
+    Px = (Pc @ xhat[..., None])[..., 0]  # (..., T, d)
+    tr = torch.diagonal(Pc, dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    quad = (xhat * Px).sum(-1, keepdim=True)
+    return (-Px / d - xhat * tr / (2 * d) + 1.5 * xhat * quad / d**2) / sigma**2

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..mc import sample_gaussian
 from ..moments import softmax_moments
@@ -228,12 +228,13 @@ def _markdown(result: dict[str, Any], command: str) -> str:
 
 def _plot(grid: list[dict[str, Any]], path: Path) -> None:
     """Two panels: mean error (and MC stderr, dotted) vs scale; covariance relative error vs scale."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # a bare Figure on the Agg canvas: no pyplot, no global backend switch
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax0, ax1 = fig.subplots(1, 2)
     colors = {n: f"C{i}" for i, n in enumerate(NS)}
     styles = {1: ("-", "o"), 2: ("--", "s")}
     for n in NS:
@@ -274,7 +275,6 @@ def _plot(grid: list[dict[str, Any]], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def softmax_section(
