@@ -56,8 +56,8 @@ def test_zero_variance_is_the_deterministic_layernorm(method, gen):
 def test_layernorm_approximations_within_envelope(scale, cov_tol, gen):
     """Measured against Monte Carlo (table in docs/moments/layernorm.md). Envelope at input covariance
     scale ≤ 0.1 (token spread ~2): linearised order-2 mean error ≤ 0.02 output std (≥ 5x better than order 1),
-    covariance relative Frobenius error ≤ 0.05 at scale 0.01, ≤ 0.15 at 0.1; the frozen-statistics covariance is worse than the
-    linearisation (it keeps the variance along x̂ that the normaliser removes)."""
+    covariance relative Frobenius error ≤ 0.05 at scale 0.01, ≤ 0.15 at 0.1; the frozen-statistics
+    covariance is worse than the linearisation (it keeps the variance along x̂ that the normaliser removes)."""
     mean, cov, gamma, beta = ln_case(gen, scale)
     u = sample_sequence(mean, cov, "token", N, gen)
     y = F.layer_norm(u, (D,), gamma, beta, 1e-5)
@@ -89,54 +89,44 @@ def test_layernorm_bad_inputs(gen):
         layernorm_moments(mean, -cov, kind="token")
 
 
+def residual_case(kind, gen):
+    """(x, g) jointly Gaussian with the cross-covariance structure the kind keeps; returns samples and blocks."""
+    mx, mg = torch.randn(T, D, generator=gen), torch.randn(T, D, generator=gen)
+    if kind == "joint":
+        Z = random_psd(2 * T * D, gen, 0.5)
+        z = sample_gaussian(torch.cat([mx.reshape(-1), mg.reshape(-1)]), Z, N, gen)
+        x, g = z[:, : T * D].reshape(N, T, D), z[:, T * D :].reshape(N, T, D)
+        B = Z.reshape(2, T, D, 2, T, D)
+        return x, g, mx, mg, B[0, :, :, 0], B[1, :, :, 1], B[0, :, :, 1]
+    if kind == "token":
+        Z = random_psd(2 * D, gen, 0.5, batch=(T,))  # per token (x_t, g_t)
+        z = sample_gaussian(torch.cat([mx, mg], -1), Z, N, gen)
+        return z[..., :D], z[..., D:], mx, mg, Z[:, :D, :D], Z[:, D:, D:], Z[:, :D, D:]
+    vx, vg = 0.5 * torch.rand(T, D, generator=gen) + 0.1, 0.5 * torch.rand(T, D, generator=gen) + 0.1
+    rho = 1.8 * torch.rand(T, D, generator=gen) - 0.9
+    e1, e2 = torch.randn(N, T, D, generator=gen), torch.randn(N, T, D, generator=gen)
+    x = mx + vx.sqrt() * e1
+    g = mg + vg.sqrt() * (rho * e1 + (1 - rho**2).sqrt() * e2)
+    return x, g, mx, mg, vx, vg, rho * (vx * vg).sqrt()
+
+
 @pytest.mark.parametrize("kind", ["diag", "token", "joint"])
 def test_residual_sum_matches_monte_carlo(kind, gen):
-    # (x, g) jointly Gaussian with a full cross-covariance, projected onto the kind
-    Z = random_psd(2 * T * D, gen, 0.5)
-    m = torch.randn(2 * T * D, generator=gen)
-    z = sample_gaussian(m, Z, N, gen)
-    x, g = z[:, : T * D].reshape(N, T, D), z[:, T * D :].reshape(N, T, D)
-    blocks = Z.reshape(2, T, D, 2, T, D)
-    Px, Pg, Pxg = blocks[0, :, :, 0], blocks[1, :, :, 1], blocks[0, :, :, 1]
-    if kind != "joint":
-        # the kind keeps only within-token (or elementwise) terms: sample accordingly
-        Zk = to_joint(
-            from_joint(
-                Z.reshape(2 * T * D, 2 * T * D)
-                .reshape(2, T, D, 2, T, D)
-                .permute(1, 0, 2, 4, 3, 5)
-                .reshape(T, 2 * D, T, 2 * D),
-                kind,
-            ),
-            kind,
-        )
-        z = sample_sequence(
-            m.reshape(2, T, D).permute(1, 0, 2).reshape(T, 2 * D),
-            from_joint(Zk, kind) if kind == "token" else from_joint(Zk, kind),
-            kind,
-            N,
-            gen,
-        )
-        x, g = z[..., :D], z[..., D:]
-        Px, Pg, Pxg = (from_joint(a, kind) for a in (Px, Pg, Pxg))
-        if kind == "token":
-            Pk = from_joint(Zk, "token")
-            Px, Pg, Pxg = Pk[:, :D, :D], Pk[:, D:, D:], Pk[:, :D, D:]
-        else:
-            Pxg = torch.zeros(T, D)  # diag sampling above drops the x-g correlation
-    out = residual_moments(x.mean(0) * 0 + m.reshape(2, T, D)[0], Px, m.reshape(2, T, D)[1], Pg, Pxg, kind=kind)
+    x, g, mx, mg, Px, Pg, Pxg = residual_case(kind, gen)
+    out = residual_moments(mx, Px, mg, Pg, Pxg, kind=kind)
     s = x + g
     assert mc_mean(s, out.mean).max_z < 4
-    if kind == "joint":
-        sf, xf = s.reshape(N, -1), x.reshape(N, -1)
-        assert mc_cov(sf, sf, out.cov.reshape(T * D, T * D)).max_z < 4
-        assert mc_cov(xf, sf, out.cross_x.reshape(T * D, T * D)).max_z < 4
+    if kind == "diag":  # elementwise layout
+        s, x, g = s[..., None], x[..., None], g[..., None]
+        closed = [c[..., None, None] for c in (out.cov, out.cross_x, out.cross_g)]
     elif kind == "token":
-        assert mc_cov(s, s, out.cov).max_z < 4
-        assert mc_cov(x, s, out.cross_x).max_z < 4
-        assert mc_cov(g, s, out.cross_g).max_z < 4
+        closed = [out.cov, out.cross_x, out.cross_g]
     else:
-        assert mc_cov(s[..., None], s[..., None], out.cov[..., None, None]).max_z < 4
+        s, x, g = s.reshape(N, -1), x.reshape(N, -1), g.reshape(N, -1)
+        closed = [c.reshape(T * D, T * D) for c in (out.cov, out.cross_x, out.cross_g)]
+    assert mc_cov(s, s, closed[0]).max_z < 4
+    assert mc_cov(x, s, closed[1]).max_z < 4
+    assert mc_cov(g, s, closed[2]).max_z < 4
 
 
 def test_residual_zero_variance_and_errors(gen):
