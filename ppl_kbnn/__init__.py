@@ -1,6 +1,9 @@
 """ppl-kbnn: the Kalman Bayesian Transformer as a Pyro model with a closed-form Kalman guide."""
 
-from . import moments
-
 __version__ = "0.1.0.dev0"
-__all__ = ["moments", "__version__"]
+
+from . import kalman, moments  # noqa: E402
+from .guide import KalmanGuide  # noqa: E402
+from .model import BayesianModel, RelativeScale  # noqa: E402
+
+__all__ = ["BayesianModel", "KalmanGuide", "RelativeScale", "kalman", "moments", "__version__"]

@@ -1,0 +1,404 @@
+"""``KalmanGuide``: the closed-form Kalman guide of a :class:`~ppl_kbnn.model.BayesianModel`.
+
+The guide holds a Gaussian belief over the Bayesian weights of every linear layer — one full
+``(d_in+1) × (d_in+1)`` covariance block per output neuron over ``[W_n, b_n]`` (KBNN, ``"block"``)
+or a diagonal (``"diag"``) — initialised to the model's prior, and updates it one sample at a time
+in closed form (:meth:`KalmanGuide.update`): a forward moment pass (:mod:`ppl_kbnn.moments`), a
+Kalman filter step at the output, and KBNN smoothing steps back through the network
+(:mod:`ppl_kbnn.kalman`). No gradients, no learning rate.
+
+As a Pyro guide it samples every Bayesian site of the model from the belief, so
+``Predictive(model, guide=guide)`` and ELBO evaluation work unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn.module import PyroModule
+from torch import nn
+
+from . import __version__
+from .kalman import Guards, filter_step, smooth_activation, smooth_linear
+from .model import BayesianModel
+from .moments import activation_moments, linear_moments, validation
+from .moments._checks import check_tensor
+
+__all__ = ["KalmanGuide"]
+
+_ACTIVATIONS: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.GELU: "gelu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.Identity: "identity",
+}
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """A linear layer of the network and where its belief lives."""
+
+    module: str  # module name inside model.net ("0", "2", ...)
+    index: int  # belief buffers: mean_{index}, cov_{index}
+    d_in: int
+    d_out: int
+    bias: bool
+    weight_site: str | None  # Bayesian site names (None: fixed)
+    bias_site: str | None
+
+
+@dataclass(frozen=True)
+class _Activation:
+    module: str
+    activation: str
+
+
+def _parse(model: BayesianModel) -> list[_Linear | _Activation]:
+    """The network as a chain of nodes; anything unsupported is rejected by name."""
+    net = model.net
+    children = list(net.named_children()) if isinstance(net, nn.Sequential) else [("", net)]
+    nodes: list[_Linear | _Activation] = []
+    n_linear = 0
+    for name, mod in children:
+        full = f"net.{name}" if name else "net"
+        if isinstance(mod, nn.Linear):
+            w, b = f"{full}.weight", f"{full}.bias"
+            has_bias = b in model.priors or "bias" in mod._buffers and mod._buffers["bias"] is not None
+            nodes.append(_Linear(name, n_linear, mod.in_features, mod.out_features, has_bias,
+                                 w if w in model.priors else None, b if b in model.priors else None))  # fmt: skip
+            n_linear += 1
+        elif type(mod) in _ACTIVATIONS or any(isinstance(mod, t) for t in _ACTIVATIONS):
+            kind = next(v for t, v in _ACTIVATIONS.items() if isinstance(mod, t))
+            if kind == "gelu" and getattr(mod, "approximate", "none") != "none":
+                raise ValueError(f"unsupported module {full!r}: GELU(approximate={mod.approximate!r}); use exact GELU")
+            nodes.append(_Activation(name, kind))
+        else:
+            raise ValueError(
+                f"unsupported module {full!r} ({type(mod).__name__}); KalmanGuide supports nn.Sequential of "
+                "Linear, ReLU, GELU, Tanh, Sigmoid, Identity"
+            )
+    if not any(isinstance(n, _Linear) for n in nodes):
+        raise ValueError("the network has no Linear layer")
+    return nodes
+
+
+class KalmanGuide(PyroModule):
+    """Closed-form Kalman guide (KBNN) for a :class:`~ppl_kbnn.model.BayesianModel`.
+
+    Args:
+        model: the Pyro model (its network must be an ``nn.Sequential`` of ``Linear``, ``ReLU``,
+            ``GELU``, ``Tanh``, ``Sigmoid``, ``Identity``, or a single ``Linear``).
+        covariance: ``"block"`` (per-neuron full covariance over ``[W_n, b_n]``) or ``"diag"``.
+        process_noise: variance ``q`` added to every Bayesian weight's variance before each
+            sample's update (random-walk drift, ``θ_t = θ_{t-1} + N(0, qI)``); default 0 (static).
+        var_floor, jitter, gain_clip, psd_repair: numerical guards (see :mod:`ppl_kbnn.kalman.guards`);
+            each firing is counted in :attr:`guard_counts`.
+
+    The belief of linear layer ``l`` is in the buffers ``mean_l`` ``(d_out, p)`` and ``cov_l``
+    (``(d_out, p, p)`` or ``(d_out, p)``), ``p = d_in + 1`` with the bias last (``d_in`` without a
+    bias). Fixed (non-Bayesian) entries have zero variance and never move.
+    """
+
+    def __init__(
+        self,
+        model: BayesianModel,
+        covariance: str = "block",
+        *,
+        process_noise: float = 0.0,
+        var_floor: float = 0.0,
+        jitter: float = 0.0,
+        gain_clip: float | None = None,
+        psd_repair: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, BayesianModel):
+            raise ValueError(f"model must be a ppl_kbnn.BayesianModel, got {type(model).__name__}")
+        if covariance not in ("block", "diag"):
+            raise ValueError(f"covariance must be 'block' or 'diag', got {covariance!r}")
+        if process_noise < 0:
+            raise ValueError(f"process_noise must be >= 0, got {process_noise}")
+        self.covariance = covariance
+        self.obs_noise = model.obs_noise
+        self.process_noise = float(process_noise)
+        self.guards = Guards(var_floor=var_floor, jitter=jitter, gain_clip=gain_clip, psd_repair=psd_repair)
+        self.nodes = _parse(model)
+        self.n_updates = 0
+        self.update_seconds = 0.0
+        for node in self._linears:
+            mean, var, mask = self._prior(model, node)
+            cov = torch.diag_embed(var) if covariance == "block" else var
+            self.register_buffer(f"mean_{node.index}", mean)
+            self.register_buffer(f"cov_{node.index}", cov)
+            self.register_buffer(f"mask_{node.index}", mask)
+        self.dtype = self.mean_0.dtype
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def _linears(self) -> list[_Linear]:
+        return [n for n in self.nodes if isinstance(n, _Linear)]
+
+    @staticmethod
+    def _prior(model: BayesianModel, node: _Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prior mean ``(n, p)``, variance ``(n, p)`` and Bayesian mask ``(n, p)`` of a layer."""
+        module = model.net.get_submodule(node.module) if node.module else model.net
+        parts_m, parts_v = [], []
+        parts = [(node.weight_site, "weight", (node.d_out, node.d_in))]
+        if node.bias:
+            parts.append((node.bias_site, "bias", (node.d_out, 1)))
+        for site, par, shape in parts:
+            if site is not None:
+                loc, scale = model.priors[site]
+                parts_m.append(loc.reshape(shape))
+                parts_v.append((scale * scale).reshape(shape))
+            else:
+                fixed = module._buffers[par]
+                parts_m.append(fixed.reshape(shape))
+                parts_v.append(torch.zeros_like(fixed).reshape(shape))
+        mean, var = torch.cat(parts_m, -1).clone(), torch.cat(parts_v, -1).clone()
+        return mean, var, var > 0
+
+    def _belief(self, node: _Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"mean_{node.index}"), getattr(self, f"cov_{node.index}")
+
+    @property
+    def belief_bytes(self) -> int:
+        """Bytes held by the belief (means and covariances) beyond the pre-trained weights."""
+        return sum(t.numel() * t.element_size() for node in self._linears for t in self._belief(node))
+
+    @property
+    def guard_counts(self) -> dict[str, int]:
+        """How often each numerical guard fired since construction."""
+        return dict(self.guards.counts)
+
+    # ------------------------------------------------------------------ forward moments
+
+    def _forward_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Moments of the network output for inputs ``x`` ``(..., T, d_in)`` (diagonal hidden states)."""
+        mean, var = x, None
+        cache = []
+        w_kind = self.covariance
+        with validation(False):
+            for node in self.nodes:
+                if isinstance(node, _Linear):
+                    w_mean, w_cov = self._belief(node)
+                    out = linear_moments(mean, var, w_mean, w_cov, kind="diag", w_kind=w_kind)
+                    cache.append((node, mean, var, out))
+                    mean, var = out.mean, out.cov
+                else:
+                    out = activation_moments(mean, var, activation=node.activation, kind="diag")
+                    cache.append((node, mean, var, out))
+                    mean, var = out.mean, out.cov
+        return mean, var, cache
+
+    # ------------------------------------------------------------------ inputs
+
+    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        d_in = self._linears[0].d_in
+        check_tensor("x", x)
+        if x.dtype != self.dtype:
+            raise ValueError(f"x: dtype {x.dtype} does not match the belief's {self.dtype}")
+        if x.dim() == 1:
+            x = x[None]
+        if x.dim() != 2 or x.shape[-1] != d_in:
+            raise ValueError(f"x: expected shape (N, {d_in}) or ({d_in},), got {tuple(x.shape)}")
+        return x
+
+    def _check_y(self, y: torch.Tensor, n: int) -> torch.Tensor:
+        d_out = self._linears[-1].d_out
+        check_tensor("y", y)
+        if y.dtype != self.dtype:
+            raise ValueError(f"y: dtype {y.dtype} does not match the belief's {self.dtype}")
+        if y.dim() == 1 and d_out == 1 and y.shape[0] == n:
+            y = y[:, None]
+        if y.shape != (n, d_out):
+            raise ValueError(f"y: expected shape ({n}, {d_out}) for {n} input(s), got {tuple(y.shape)}")
+        return y
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed-form predictive ``(mean, var)`` of ``y`` at inputs ``x`` ``(N, d_in)``, each ``(N, d_out)``.
+
+        ``var`` includes the observation noise ``obs_noise²``.
+        """
+        x = self._check_x(x)
+        mean, var, _ = self._forward_moments(x[:, None, :])  # each input a one-token sequence
+        return mean[:, 0], var[:, 0] + self.obs_noise**2
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> KalmanGuide:
+        """Sequential closed-form update with the samples ``(x_i, y_i)``, in order.
+
+        Raises ``ValueError`` for bad input (shape, dtype, NaN/inf) and ``FloatingPointError`` if an
+        update produces a non-finite belief; in both cases the belief is left exactly as it was.
+        """
+        x = self._check_x(x)
+        y = self._check_y(y, x.shape[0])
+        snapshot = {k: v.clone() for k, v in self._buffers.items()}
+        counts = self.guards.counts.copy()
+        t0 = time.perf_counter()
+        try:
+            for i in range(x.shape[0]):  # samples are sequential by nature
+                self._update_one(x[i], y[i])
+        except Exception:
+            for k, v in snapshot.items():
+                self._buffers[k].copy_(v)
+            self.guards.counts = counts
+            raise
+        self.n_updates += x.shape[0]
+        self.update_seconds += time.perf_counter() - t0
+        return self
+
+    def _update_one(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.process_noise > 0:
+            for node in self._linears:
+                _, cov = self._belief(node)
+                q = self.process_noise * getattr(self, f"mask_{node.index}").to(cov.dtype)
+                cov += torch.diag_embed(q) if self.covariance == "block" else q
+        mean, var, cache = self._forward_moments(x[None, :])  # (1, d_out)
+        filt_mean, filt_var = filter_step(mean, var, y[None, :], self.obs_noise**2)
+        d_mean, d_var = filt_mean - mean, filt_var - var
+        new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for node, _in_mean, in_var, out in reversed(cache):
+            if isinstance(node, _Activation):
+                d_mean, d_var_in = smooth_activation(d_mean, d_var, out.cov, out.cross, self.guards)
+            else:
+                dmw, dcw, d_mean, d_var_in = smooth_linear(
+                    d_mean, d_var, out.cov, out.w_cross, out.cross, self.guards, w_kind=self.covariance
+                )
+                w_mean, w_cov = self._belief(node)
+                new[node.index] = (w_mean + dmw, w_cov + dcw)
+                if d_mean is None:  # the network input: nothing further back
+                    break
+            d_var = self.guards.floor(in_var + d_var_in) - in_var
+        for index, (m, c) in new.items():
+            self._commit(index, m, c)
+
+    def _commit(self, index: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        if self.covariance == "block":
+            cov = 0.5 * (cov + cov.mT)
+            if self.guards.jitter > 0:
+                self.guards.counts["jitter"] += 1
+                mask = getattr(self, f"mask_{index}").to(cov.dtype)
+                cov = cov + torch.diag_embed(self.guards.jitter * mask)
+            if self.guards.psd_repair:
+                evals, evecs = torch.linalg.eigh(cov)
+                bad = (evals < 0).any(-1)
+                if bad.any():
+                    self.guards.counts["psd_repair"] += int(bad.sum())
+                    fixed = (evecs * evals.clamp_min(0)[..., None, :]) @ evecs.mT
+                    cov = torch.where(bad[:, None, None], fixed, cov)
+        else:
+            if self.guards.jitter > 0:
+                self.guards.counts["jitter"] += 1
+                cov = cov + self.guards.jitter * getattr(self, f"mask_{index}").to(cov.dtype)
+            if self.guards.psd_repair and (cov < 0).any():
+                self.guards.counts["psd_repair"] += int((cov < 0).sum())
+                cov = cov.clamp_min(0)
+        if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
+            raise FloatingPointError(f"the update of linear layer {index} produced a non-finite belief")
+        getattr(self, f"mean_{index}").copy_(mean)
+        getattr(self, f"cov_{index}").copy_(cov)
+
+    def posterior(self) -> dict[str, dist.Distribution]:
+        """The belief as torch distributions, one per Bayesian site (marginal over the site).
+
+        ``"block"``: weight rows are ``MultivariateNormal`` (batch ``d_out``, event ``d_in``) — the
+        joint over ``[W_n, b_n]`` is in the buffers; ``"diag"``: independent ``Normal``. Event shapes
+        equal the site shapes.
+        """
+        out: dict[str, dist.Distribution] = {}
+        for node in self._linears:
+            mean, cov = self._belief(node)
+            d = node.d_in
+            if node.weight_site is not None:
+                if self.covariance == "block":
+                    out[node.weight_site] = dist.MultivariateNormal(mean[:, :d], cov[:, :d, :d]).to_event(1)
+                else:
+                    out[node.weight_site] = dist.Normal(mean[:, :d], cov[:, :d].sqrt()).to_event(2)
+            if node.bias_site is not None:
+                var = cov[:, d, d] if self.covariance == "block" else cov[:, d]
+                out[node.bias_site] = dist.Normal(mean[:, d], var.sqrt()).to_event(1)
+        return out
+
+    def forward(self, *args, **kwargs) -> None:
+        """Pyro guide: sample every Bayesian site of the model from the belief (the joint, exactly).
+
+        ``"block"``: with the Cholesky factor ``L`` of the ``[W_n, b_n]`` block, ``W_n ~ N(μ_w, L_ww L_wwᵀ)``
+        and ``b_n | W_n ~ N(μ_b + L_bw L_ww⁻¹ (W_n - μ_w), L_bb²)``, which is the joint Gaussian.
+        """
+        for node in self._linears:
+            mean, cov = self._belief(node)
+            d = node.d_in
+            if self.covariance == "diag":
+                if node.weight_site is not None:
+                    pyro.sample(node.weight_site, dist.Normal(mean[:, :d], cov[:, :d].sqrt()).to_event(2))
+                if node.bias_site is not None:
+                    pyro.sample(node.bias_site, dist.Normal(mean[:, d], cov[:, d].sqrt()).to_event(1))
+                continue
+            idx = getattr(self, f"mask_{node.index}").any(0).nonzero().squeeze(-1)  # Bayesian entries
+            L, info = torch.linalg.cholesky_ex(cov[:, idx][:, :, idx])
+            if (info != 0).any():
+                raise ValueError(f"belief of layer {node.module!r} is not positive definite; cannot sample")
+            nw = d if node.weight_site is not None else 0
+            if node.weight_site is not None:
+                w = pyro.sample(node.weight_site, dist.MultivariateNormal(mean[:, :d], scale_tril=L[:, :nw, :nw])
+                                .to_event(1))  # fmt: skip
+            if node.bias_site is not None:
+                loc = mean[:, d]
+                if nw:
+                    z = torch.linalg.solve_triangular(L[:, :nw, :nw], (w - mean[:, :d])[..., None], upper=False)
+                    loc = loc + (L[:, nw, :nw] * z[..., 0]).sum(-1)
+                pyro.sample(node.bias_site, dist.Normal(loc, L[:, -1, -1]).to_event(1))
+
+    # ------------------------------------------------------------------ state
+
+    def _signature(self) -> dict:
+        return {
+            "covariance": self.covariance,
+            "obs_noise": self.obs_noise,
+            "nodes": [
+                (n.module, "linear", n.d_in, n.d_out, n.bias, n.weight_site, n.bias_site)
+                if isinstance(n, _Linear) else (n.module, n.activation)
+                for n in self.nodes
+            ],  # fmt: skip
+        }
+
+    def get_extra_state(self) -> dict:
+        return {
+            "version": __version__,
+            "signature": self._signature(),
+            "process_noise": self.process_noise,
+            "guards": self.guards.settings(),
+            "guard_counts": dict(self.guards.counts),
+            "n_updates": self.n_updates,
+            "update_seconds": self.update_seconds,
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        self.n_updates = int(state.get("n_updates", 0))
+        self.update_seconds = float(state.get("update_seconds", 0.0))
+        self.guards.counts.clear()
+        self.guards.counts.update(state.get("guard_counts", {}))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a belief saved by :meth:`state_dict`; a different structure raises ``ValueError``."""
+        extra = state_dict.get("_extra_state")
+        if not isinstance(extra, dict) or "signature" not in extra:
+            raise ValueError("not a KalmanGuide state dict (no '_extra_state' with a structure signature)")
+        mine, theirs = self._signature(), extra["signature"]
+        theirs = {**theirs, "nodes": [tuple(n) for n in theirs["nodes"]]}
+        if mine != theirs:
+            diffs = [k for k in mine if mine[k] != theirs.get(k)]
+            raise ValueError(
+                f"state dict was saved from a different model/guide (differs in {', '.join(diffs)}): "
+                f"saved {theirs}, this guide {mine}"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

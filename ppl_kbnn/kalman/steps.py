@@ -1,0 +1,98 @@
+r"""The Kalman backward pass of KBNN (Wagner, Wu, Huber 2023), one node at a time.
+
+Hidden states are diagonal Gaussians (KBNN); a sequence ``(..., T, d)`` is handled token-wise and
+the updates of all tokens that share a weight are summed (exact for ``T = 1``).
+
+Output (filtering), observation ``y = z + v``, ``v ~ N(0, R)``:
+
+.. math:: k = \frac{\sigma_z^2}{\sigma_z^2 + R},\quad \mu_z^+ = \mu_z + k(y - \mu_z),\quad
+          \sigma_z^{2+} = (1 - k)\,\sigma_z^2 .
+
+Smoothing I (elementwise activation ``z = g(a)``; scalar gain per unit):
+
+.. math:: k = \frac{\mathrm{Cov}(a, z)}{\sigma_z^2},\quad \Delta\mu_a = k\,\Delta\mu_z,\quad
+          \Delta\sigma_a^2 = k^2\,\Delta\sigma_z^2 .
+
+Smoothing II (linear ``a_n = w_n^\top \bar u``; joint update of the weight row and the input):
+
+.. math::
+    \mu_{w,n}^+ &= \mu_{w,n} + c_{w,n}\,\Delta\mu_{a,n}/\sigma_{a,n}^2, \qquad
+    C_n^+ = C_n + c_{w,n} c_{w,n}^\top\,\Delta\sigma_{a,n}^2/\sigma_{a,n}^4, \\
+    \mu_u^+ &= \mu_u + \textstyle\sum_n c_{u,n}\,\Delta\mu_{a,n}/\sigma_{a,n}^2, \qquad
+    \sigma_u^{2+} = \sigma_u^2 + \textstyle\sum_n c_{u,n}^2\,\Delta\sigma_{a,n}^2/\sigma_{a,n}^4,
+
+with ``c_{w,n} = C_n ū`` and ``c_{u,n} = P_u μ_n`` computed before the update. Dropped (KBNN):
+the weight–input cross-covariance the joint update creates, the covariance between neurons when
+their input updates are summed, and all off-diagonal hidden-state covariances.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .guards import Guards
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` where ``den > 0``, else 0 (a node with no variance carries no update)."""
+    pos = den > 0
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def filter_step(
+    mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, noise_var: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kalman filter step at the output (diagonal): returns the filtered ``(mean, var)``."""
+    k = var / (var + noise_var)
+    return mean + k * (y - mean), (1.0 - k) * var
+
+
+def smooth_activation(
+    d_mean_out: torch.Tensor,
+    d_var_out: torch.Tensor,
+    var_out: torch.Tensor,
+    cross: torch.Tensor,
+    guards: Guards,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothing I: ``(Δμ_a, Δσ²_a)`` from the change of the activation output (all ``(..., T, d)``)."""
+    k = guards.clip(_safe_div(cross, var_out))
+    return k * d_mean_out, k * k * d_var_out
+
+
+def smooth_linear(
+    d_mean_out: torch.Tensor,
+    d_var_out: torch.Tensor,
+    var_out: torch.Tensor,
+    w_cross: torch.Tensor,
+    in_cross: torch.Tensor | None,
+    guards: Guards,
+    *,
+    w_kind: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Smoothing II for a token-wise linear layer.
+
+    Args:
+        d_mean_out, d_var_out, var_out: ``(..., T, n)`` change of the output moments and the
+            predicted output variance ``σ_a²``.
+        w_cross: ``Cov(w_n, a_tn) = C_n m̄_t`` ``(..., T, n, p)``.
+        in_cross: ``Cov(u_t, a_tn)`` ``(..., T, d_in, n)``, or ``None`` for a deterministic input.
+        w_kind: ``"block"`` or ``"diag"`` weight belief.
+
+    Returns:
+        ``(Δμ_w (n, p), ΔC (n, p, p) or (n, p), Δμ_u, Δσ²_u)`` — the input changes are ``None``
+        for a deterministic input. Leading batch dims are summed into the weight update.
+    """
+    s2 = var_out[..., None]  # σ_a²: (..., T, n, 1)
+    Kw = guards.clip(_safe_div(w_cross, s2))  # RTS gain of the weights, c_w/σ_a²: (..., T, n, p)
+    batch = "".join(chr(ord("A") + i) for i in range(d_mean_out.dim() - 2))
+    d_mean_w = torch.einsum(f"{batch}tnp,{batch}tn->np", Kw, d_mean_out)
+    if w_kind == "block":
+        d_cov_w = torch.einsum(f"{batch}tnp,{batch}tnq,{batch}tn->npq", Kw, Kw, d_var_out)
+    else:
+        d_cov_w = torch.einsum(f"{batch}tnp,{batch}tn->np", Kw * Kw, d_var_out)
+    if in_cross is None:
+        return d_mean_w, d_cov_w, None, None
+    Ku = guards.clip(_safe_div(in_cross, var_out[..., None, :]))  # c_u/σ_a²: (..., T, d_in, n)
+    d_mean_u = torch.einsum("...tin,...tn->...ti", Ku, d_mean_out)
+    d_var_u = torch.einsum("...tin,...tn->...ti", Ku * Ku, d_var_out)
+    return d_mean_w, d_cov_w, d_mean_u, d_var_u

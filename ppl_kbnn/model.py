@@ -1,0 +1,141 @@
+"""``BayesianModel``: a pre-trained network turned into the Pyro model of DESIGN §1.
+
+.. math::
+    \\theta_B \\sim \\mathcal N(\\hat\\theta_B, \\mathrm{diag}(\\sigma_0^2)), \\qquad
+    \\theta_F = \\hat\\theta_F, \\qquad
+    y_i \\mid x_i, \\theta \\sim \\mathcal N(f(x_i; \\theta), \\sigma_{obs}^2 I)
+
+The Bayesian subset ``θ_B`` gets ``PyroSample`` priors centred on the pre-trained values; the rest
+becomes fixed buffers (not parameters, so SVI cannot move them). The same object serves NUTS, SVI,
+``Predictive`` and the closed-form :class:`~ppl_kbnn.guide.KalmanGuide`, so their posteriors are
+posteriors of one model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn.module import PyroModule, PyroSample, to_pyro_module_
+from torch import nn
+
+__all__ = ["BayesianModel", "RelativeScale"]
+
+
+@dataclass(frozen=True)
+class RelativeScale:
+    """Prior std proportional to the pre-trained magnitude: ``σ0 = max(rel · |θ̂|, floor)``."""
+
+    rel: float
+    floor: float
+
+    def __post_init__(self) -> None:
+        if not (self.rel >= 0 and self.floor > 0):
+            raise ValueError(f"RelativeScale needs rel >= 0 and floor > 0, got rel={self.rel}, floor={self.floor}")
+
+
+PriorScale = float | Mapping[str, float] | RelativeScale
+BayesianSpec = str | Sequence[str] | Callable[[str], bool]
+
+
+def _selector(bayesian: BayesianSpec, module_names: set[str]) -> Callable[[str, str], bool]:
+    """``(module_name, param_name) -> bool`` from the user's ``bayesian=`` argument."""
+    if isinstance(bayesian, str):
+        if bayesian != "all":
+            raise ValueError(
+                f"bayesian={bayesian!r}: expected 'all', a list of module names or a predicate on parameter names"
+            )
+        return lambda mod, par: True
+    if callable(bayesian):
+        return lambda mod, par: bool(bayesian(f"{mod}.{par}" if mod else par))
+    names = list(bayesian)
+    unknown = [n for n in names if n not in module_names]
+    if unknown:
+        raise ValueError(f"bayesian: unknown module name(s) {unknown}; modules with parameters: {sorted(module_names)}")
+    return lambda mod, par: mod in names
+
+
+class BayesianModel(PyroModule):
+    """The Pyro model ``model(x, y=None)`` of a pre-trained network with a Gaussian prior around it.
+
+    Args:
+        net: the pre-trained deterministic network (copied; the original is not modified).
+        prior_scale: prior std ``σ0``: a float, a dict ``{module_name: float}`` (every Bayesian
+            module must be listed), or :class:`RelativeScale`.
+        obs_noise: observation noise std ``σ_obs`` of the Normal likelihood.
+        bayesian: which parameters are random: ``"all"``, a list of module names (e.g. ``["2"]`` for
+            the third layer of an ``nn.Sequential``), or a predicate on dotted parameter names
+            (e.g. ``lambda n: n.startswith("2.")``).
+
+    Attributes:
+        net: the Pyro version of the network (Bayesian parameters are ``PyroSample`` sites).
+        priors: ``{site_name: (loc, scale)}`` of every Bayesian site, site names as in Pyro traces.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        prior_scale: PriorScale,
+        obs_noise: float,
+        bayesian: BayesianSpec = "all",
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        if not obs_noise > 0:
+            raise ValueError(f"obs_noise must be > 0, got {obs_noise}")
+        self.obs_noise = float(obs_noise)
+        net = copy.deepcopy(net)
+        params = dict(net.named_parameters())
+        if not params:
+            raise ValueError("net has no parameters")
+        module_names = {name.rpartition(".")[0] for name in params}
+        select = _selector(bayesian, module_names)
+        to_pyro_module_(net)
+        self.net = net
+        self.priors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for full, value in params.items():
+            mod_name, _, par = full.rpartition(".")
+            module = net.get_submodule(mod_name) if mod_name else net
+            value = value.detach().clone()
+            delattr(module, par)
+            if select(mod_name, par):
+                scale = self._scale(prior_scale, mod_name, value)
+                module.__setattr__(par, PyroSample(dist.Normal(value, scale).to_event(value.dim())))
+                self.priors[f"net.{full}"] = (value, scale)
+            else:
+                module.register_buffer(par, value)
+        if not self.priors:
+            raise ValueError(f"bayesian={bayesian!r} selects no parameter; parameters: {sorted(params)}")
+
+    @staticmethod
+    def _scale(prior_scale: PriorScale, mod_name: str, value: torch.Tensor) -> torch.Tensor:
+        if isinstance(prior_scale, RelativeScale):
+            return (prior_scale.rel * value.abs()).clamp_min(prior_scale.floor)
+        if isinstance(prior_scale, Mapping):
+            if mod_name not in prior_scale:
+                raise ValueError(f"prior_scale: no entry for Bayesian module {mod_name!r} (got {sorted(prior_scale)})")
+            s = float(prior_scale[mod_name])
+        else:
+            s = float(prior_scale)
+        if not s > 0:
+            raise ValueError(f"prior_scale must be > 0, got {s} for module {mod_name!r}")
+        return torch.full_like(value, s)
+
+    @property
+    def site_names(self) -> list[str]:
+        """Names of the Bayesian sites, in network order."""
+        return list(self.priors)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample the weights once, evaluate the network on ``x`` ``(N, ...)``, observe ``y`` ``(N, d_out)``."""
+        out = self.net(x)
+        if y is not None and y.shape != out.shape:
+            raise ValueError(f"y: expected shape {tuple(out.shape)} (the network's output), got {tuple(y.shape)}")
+        with pyro.plate("data", out.shape[0]):
+            pyro.sample("obs", dist.Normal(out, self.obs_noise).to_event(out.dim() - 1), obs=y)
+        return out
