@@ -29,11 +29,18 @@ def _softmax(**kwargs: Any) -> dict[str, Any]:
     return softmax_section(**kwargs)
 
 
+def _ops(**kwargs: Any) -> dict[str, Any]:
+    from .validation.ops import ops_section
+
+    return ops_section(**kwargs)
+
+
 # name -> section(*, quick, seed, out_dir, progress, command) -> dict with a "checks" list;
 # each section writes <name>.json, <name>.md and its figures into out_dir. Later sections
-# (ops, linear_exact, network_moments, posterior) are added here.
+# (linear_exact, network_moments, posterior) are added here.
 SECTIONS: dict[str, Section] = {
     "softmax": _softmax,
+    "ops": _ops,
 }
 
 
