@@ -23,7 +23,15 @@ from pyro.nn.module import PyroModule
 from torch import nn
 
 from . import __version__
-from .kalman import Guards, filter_step, smooth_activation, smooth_linear
+from .kalman import (
+    Guards,
+    filter_step,
+    filter_step_full,
+    smooth_activation,
+    smooth_activation_full,
+    smooth_linear,
+    smooth_linear_full,
+)
 from .model import BayesianModel
 from .moments import activation_moments, linear_moments, validation
 from .moments._checks import check_tensor
@@ -94,6 +102,9 @@ class KalmanGuide(PyroModule):
         model: the Pyro model (its network must be an ``nn.Sequential`` of ``Linear``, ``ReLU``,
             ``GELU``, ``Tanh``, ``Sigmoid``, ``Identity``, or a single ``Linear``).
         covariance: ``"block"`` (per-neuron full covariance over ``[W_n, b_n]``) or ``"diag"``.
+        hidden: hidden-state covariance of the forward and backward passes: ``"diag"`` (KBNN: scalar
+            gains, neurons summed as independent) or ``"full"`` (full covariance within a sample:
+            Wright-series activation covariances forward, vector RTS steps backward).
         process_noise: variance ``q`` added to every Bayesian weight's variance before each
             sample's update (random-walk drift, ``θ_t = θ_{t-1} + N(0, qI)``); default 0 (static).
         var_floor, jitter, gain_clip, psd_repair: numerical guards (see :mod:`ppl_kbnn.kalman.guards`);
@@ -109,6 +120,7 @@ class KalmanGuide(PyroModule):
         model: BayesianModel,
         covariance: str = "block",
         *,
+        hidden: str = "diag",
         process_noise: float = 0.0,
         var_floor: float = 0.0,
         jitter: float = 0.0,
@@ -122,7 +134,13 @@ class KalmanGuide(PyroModule):
             raise ValueError(f"covariance must be 'block' or 'diag', got {covariance!r}")
         if process_noise < 0:
             raise ValueError(f"process_noise must be >= 0, got {process_noise}")
+        if hidden not in ("diag", "full"):
+            raise ValueError(f"hidden must be 'diag' or 'full', got {hidden!r}")
+        if hidden == "full" and gain_clip is not None:
+            raise ValueError("gain_clip is only available with hidden='diag' (the full RTS gains are matrices)")
         self.covariance = covariance
+        self.hidden = hidden
+        self._kind = "diag" if hidden == "diag" else "token"
         self.obs_noise = model.obs_noise
         self.process_noise = float(process_noise)
         self.guards = Guards(var_floor=var_floor, jitter=jitter, gain_clip=gain_clip, psd_repair=psd_repair)
@@ -187,11 +205,11 @@ class KalmanGuide(PyroModule):
             for node in self.nodes:
                 if isinstance(node, _Linear):
                     w_mean, w_cov = self._belief(node)
-                    out = linear_moments(mean, var, w_mean, w_cov, kind="diag", w_kind=w_kind)
+                    out = linear_moments(mean, var, w_mean, w_cov, kind=self._kind, w_kind=w_kind)
                     cache.append((node, mean, var, out))
                     mean, var = out.mean, out.cov
                 else:
-                    out = activation_moments(mean, var, activation=node.activation, kind="diag")
+                    out = activation_moments(mean, var, activation=node.activation, kind=self._kind)
                     cache.append((node, mean, var, out))
                     mean, var = out.mean, out.cov
         return mean, var, cache
@@ -229,7 +247,8 @@ class KalmanGuide(PyroModule):
         ``var`` includes the observation noise ``obs_noise²``.
         """
         x = self._check_x(x)
-        mean, var, _ = self._forward_moments(x[:, None, :])  # each input a one-token sequence
+        mean, cov, _ = self._forward_moments(x[:, None, :])  # each input a one-token sequence
+        var = cov if self.hidden == "diag" else torch.diagonal(cov, dim1=-2, dim2=-1)
         return mean[:, 0], var[:, 0] + self.obs_noise**2
 
     @torch.no_grad()
@@ -262,6 +281,15 @@ class KalmanGuide(PyroModule):
                 _, cov = self._belief(node)
                 q = self.process_noise * getattr(self, f"mask_{node.index}").to(cov.dtype)
                 cov += torch.diag_embed(q) if self.covariance == "block" else q
+        if self.hidden == "full":
+            new = self._backward_full(x, y)
+        else:
+            new = self._backward_diag(x, y)
+        for index, (m, c) in new.items():
+            self._commit(index, m, c)
+
+    def _backward_diag(self, x: torch.Tensor, y: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """KBNN: filter at the output, then smoothing I/II with diagonal hidden states."""
         mean, var, cache = self._forward_moments(x[None, :])  # (1, d_out)
         filt_mean, filt_var = filter_step(mean, var, y[None, :], self.obs_noise**2)
         d_mean, d_var = filt_mean - mean, filt_var - var
@@ -278,8 +306,26 @@ class KalmanGuide(PyroModule):
                 if d_mean is None:  # the network input: nothing further back
                     break
             d_var = self.guards.floor(in_var + d_var_in) - in_var
-        for index, (m, c) in new.items():
-            self._commit(index, m, c)
+        return new
+
+    def _backward_full(self, x: torch.Tensor, y: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Filter at the output, then vector RTS steps with full within-sample hidden covariances."""
+        mean, cov, cache = self._forward_moments(x[None, :])  # (1, d_out), (1, d_out, d_out)
+        filt_mean, filt_cov = filter_step_full(mean, cov, y[None, :], self.obs_noise**2)
+        d_mean, d_cov = filt_mean - mean, filt_cov - cov
+        new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for node, _in_mean, _in_cov, out in reversed(cache):
+            if isinstance(node, _Activation):
+                d_mean, d_cov = smooth_activation_full(d_mean, d_cov, out.cov, out.cross)
+            else:
+                dmw, dcw, d_mean, d_cov = smooth_linear_full(
+                    d_mean, d_cov, out.cov, out.w_cross, out.cross, w_kind=self.covariance
+                )
+                w_mean, w_cov = self._belief(node)
+                new[node.index] = (w_mean + dmw, w_cov + dcw)
+                if d_mean is None:
+                    break
+        return new
 
     def _commit(self, index: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
         if self.covariance == "block":
@@ -363,10 +409,12 @@ class KalmanGuide(PyroModule):
     def _signature(self) -> dict:
         return {
             "covariance": self.covariance,
+            "hidden": self.hidden,
             "obs_noise": self.obs_noise,
             "nodes": [
                 (n.module, "linear", n.d_in, n.d_out, n.bias, n.weight_site, n.bias_site)
-                if isinstance(n, _Linear) else (n.module, n.activation)
+                if isinstance(n, _Linear)
+                else (n.module, n.activation)
                 for n in self.nodes
             ],  # fmt: skip
         }

@@ -1,6 +1,21 @@
 """The Kalman backward pass: output filter step, KBNN smoothing I/II, numerical guards."""
 
 from .guards import Guards
-from .steps import filter_step, smooth_activation, smooth_linear
+from .steps import (
+    filter_step,
+    filter_step_full,
+    smooth_activation,
+    smooth_activation_full,
+    smooth_linear,
+    smooth_linear_full,
+)
 
-__all__ = ["Guards", "filter_step", "smooth_activation", "smooth_linear"]
+__all__ = [
+    "Guards",
+    "filter_step",
+    "filter_step_full",
+    "smooth_activation",
+    "smooth_activation_full",
+    "smooth_linear",
+    "smooth_linear_full",
+]

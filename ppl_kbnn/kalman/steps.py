@@ -96,3 +96,70 @@ def smooth_linear(
     d_mean_u = torch.einsum("...tin,...tn->...ti", Ku, d_mean_out)
     d_var_u = torch.einsum("...tin,...tn->...ti", Ku * Ku, d_var_out)
     return d_mean_w, d_cov_w, d_mean_u, d_var_u
+
+
+# --------------------------------------------------------------------------------------------- full covariance
+#
+# The same steps with full hidden-state covariances within a token (``hidden="full"``): the
+# generic Gaussian RTS step ``G = C_uz P_z⁺``, ``Δm_u = G Δm_z``, ``ΔP_u = G ΔP_z Gᵀ`` instead of
+# KBNN's per-unit scalar gains and its sum over neurons. ``P_z⁺`` is the pseudo-inverse: directions
+# with zero predicted variance carry no update (as ``_safe_div`` does in the diagonal case).
+
+
+def _pinv(P: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.pinv(P, hermitian=True)
+
+
+def filter_step_full(
+    mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, noise_var: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kalman filter step at the output with full covariance ``(..., d, d)`` and noise ``noise_var · I``."""
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    S = cov + noise_var * eye
+    K = torch.linalg.solve(S, cov).mT  # P S⁻¹ (S, P symmetric)
+    new_cov = cov - K @ cov
+    return mean + (K @ (y - mean)[..., None])[..., 0], 0.5 * (new_cov + new_cov.mT)
+
+
+def smooth_activation_full(
+    d_mean_out: torch.Tensor, d_cov_out: torch.Tensor, cov_out: torch.Tensor, cross: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTS step through ``z = g(a)`` with ``C_az = P_a diag(E[g'])`` (exact, Stein): ``(Δm_a, ΔP_a)``."""
+    G = cross @ _pinv(cov_out)  # (..., T, d, d)
+    d_cov = G @ d_cov_out @ G.mT
+    return (G @ d_mean_out[..., None])[..., 0], 0.5 * (d_cov + d_cov.mT)
+
+
+def smooth_linear_full(
+    d_mean_out: torch.Tensor,
+    d_cov_out: torch.Tensor,
+    cov_out: torch.Tensor,
+    w_cross: torch.Tensor,
+    in_cross: torch.Tensor | None,
+    *,
+    w_kind: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    r"""Joint RTS update of the weight rows and the input of ``a = W ū`` with full ``P_a`` ``(..., T, n, n)``.
+
+    ``Cov(w_n, a) = c_n e_nᵀ`` with ``c_n = C_n m̄`` gives the weight gain ``G_{w_n} = c_n (P_a⁻¹)_{n,:}``:
+
+    .. math:: \Delta\mu_{w,n} = c_n\,(P_a^{-1}\Delta m_a)_n, \qquad
+              \Delta C_n = c_n c_n^\top\,(P_a^{-1}\,\Delta P_a\,P_a^{-1})_{nn}
+
+    and the input gain ``G_u = C_{ua} P_a⁻¹``. The covariances between different weight rows, and
+    between the weights and the input, that the joint update creates are dropped (block belief).
+    """
+    Pinv = _pinv(cov_out)
+    v = (Pinv @ d_mean_out[..., None])[..., 0]  # (..., T, n)
+    s = torch.diagonal(Pinv @ d_cov_out @ Pinv, dim1=-2, dim2=-1)  # (..., T, n)
+    batch = "".join(chr(ord("A") + i) for i in range(d_mean_out.dim() - 2))
+    d_mean_w = torch.einsum(f"{batch}tnp,{batch}tn->np", w_cross, v)
+    if w_kind == "block":
+        d_cov_w = torch.einsum(f"{batch}tnp,{batch}tnq,{batch}tn->npq", w_cross, w_cross, s)
+    else:
+        d_cov_w = torch.einsum(f"{batch}tnp,{batch}tn->np", w_cross * w_cross, s)
+    if in_cross is None:
+        return d_mean_w, d_cov_w, None, None
+    G = in_cross @ Pinv  # (..., T, d_in, n)
+    d_cov_u = G @ d_cov_out @ G.mT
+    return d_mean_w, d_cov_w, (G @ d_mean_out[..., None])[..., 0], 0.5 * (d_cov_u + d_cov_u.mT)
