@@ -86,8 +86,9 @@ def _parse(model: BayesianModel) -> list[_Linear | _Activation]:
                 raise ValueError(f"unsupported module {full!r}: GELU(approximate={mod.approximate!r}); use exact GELU")
             nodes.append(_Activation(name, kind))
         else:
+            torch_cls = next(c for c in type(mod).__mro__ if not issubclass(c, PyroModule))  # not PyroDropout
             raise ValueError(
-                f"unsupported module {full!r} ({type(mod).__name__}); KalmanGuide supports nn.Sequential of "
+                f"unsupported module {full!r} ({torch_cls.__name__}); KalmanGuide supports nn.Sequential of "
                 "Linear, ReLU, GELU, Tanh, Sigmoid, Identity"
             )
     if not any(isinstance(n, _Linear) for n in nodes):
@@ -233,7 +234,9 @@ class KalmanGuide(PyroModule):
         if y.dtype != self.dtype:
             raise ValueError(f"y: dtype {y.dtype} does not match the belief's {self.dtype}")
         if y.dim() == 1 and d_out == 1 and y.shape[0] == n:
-            y = y[:, None]
+            y = y[:, None]  # (N,) targets of a one-output network
+        elif y.dim() == 1 and n == 1 and y.shape[0] == d_out:
+            y = y[None]  # one sample given without its batch dim
         if y.shape != (n, d_out):
             raise ValueError(f"y: expected shape ({n}, {d_out}) for {n} input(s), got {tuple(y.shape)}")
         return y
