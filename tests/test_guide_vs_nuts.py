@@ -1,0 +1,85 @@
+"""KBT (Kalman guide) vs NUTS on the issue's MLP problem: a posterior-level comparison.
+
+Setup (issue 3): ``Linear(1,16) → ReLU → Linear(16,1)`` pre-trained on sin(x), prior_scale 0.1 around the
+pre-trained weights, obs_noise 0.1, 50 samples of sin(x) + 0.3x, 20 test inputs; NUTS with 2 chains
+(JIT, 200 warm-up + 300 draws each), R-hat ≤ 1.01.
+
+Measured (seed 0): KBT-block mean error ≤ 1.1 NUTS predictive std, std ratio KBT/NUTS in [1.17, 2.5]. The
+issue's target (0.5 std, factor 2) is not met; the reason is structural and measured here too: the *best*
+block-diagonal Gaussian — the per-neuron blocks moment-matched to the NUTS draws themselves — already has a
+predictive std up to ~4.6x NUTS's, because the posterior correlations between layers and between neurons
+carry most of the predictive-variance reduction, and a per-neuron block belief cannot hold them
+(docs/kbnn.md, "How close to NUTS").
+"""
+
+import pyro
+import pytest
+import torch
+from pyro.infer import MCMC, NUTS, Predictive
+from pyro.ops.stats import split_gelman_rubin
+
+import ppl_kbnn as pk
+from ppl_kbnn.toy import pretrained_mlp, regression_stream
+
+
+@pytest.fixture(scope="module")
+def problem():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield _problem()
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _problem():
+    model = pk.BayesianModel(pretrained_mlp(16), prior_scale=0.1, obs_noise=0.1)
+    X, Y = regression_stream(50)
+    Xt = torch.linspace(-2.8, 2.8, 20)[:, None]
+    chains = []
+    for seed in (0, 1):
+        pyro.set_rng_seed(seed)
+        mcmc = MCMC(NUTS(model, jit_compile=True, ignore_jit_warnings=True), num_samples=300, warmup_steps=200,
+                    disable_progbar=True)  # fmt: skip
+        mcmc.run(X, Y)
+        chains.append(mcmc.get_samples())
+    samples = {k: torch.cat([c[k] for c in chains]) for k in chains[0]}
+    rhat = max(split_gelman_rubin(torch.stack([c[k] for c in chains])).max().item() for k in chains[0])
+    pred = Predictive(model, samples, return_sites=["obs"])(Xt)["obs"][..., 0]
+    return model, X, Y, Xt, samples, rhat, pred.mean(0), pred.std(0)
+
+
+@pytest.mark.slow
+def test_nuts_reference_converged(problem):
+    assert problem[5] <= 1.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("covariance", "mean_tol", "ratio_range"), [("block", 1.3, (0.8, 3.0)),
+                                                                      ("diag", 1.3, (0.8, 4.5))])  # fmt: skip
+def test_kbt_predictive_against_nuts(problem, covariance, mean_tol, ratio_range):
+    model, X, Y, Xt, _, _, nuts_mean, nuts_std = problem
+    guide = pk.KalmanGuide(model, covariance=covariance).update(X, Y)
+    mean, var = guide.predict(Xt)
+    err = ((mean[:, 0] - nuts_mean).abs() / nuts_std).max()
+    ratio = var[:, 0].sqrt() / nuts_std
+    assert err <= mean_tol, err
+    assert ratio_range[0] <= ratio.min() and ratio.max() <= ratio_range[1], ratio
+    # better than not adapting at all
+    prior_mean, _ = pk.KalmanGuide(model, covariance=covariance).predict(Xt)
+    assert err < ((prior_mean[:, 0] - nuts_mean).abs() / nuts_std).max()
+
+
+@pytest.mark.slow
+def test_best_block_diagonal_gaussian_cannot_reach_factor_two(problem):
+    """The structural limit: moment-match per-neuron blocks to the NUTS draws, predict in closed form."""
+    model, _, _, Xt, samples, _, nuts_mean, nuts_std = problem
+    oracle = pk.KalmanGuide(model, covariance="block")
+    for node in oracle._linears:
+        rows = torch.cat([samples[node.weight_site], samples[node.bias_site][..., None]], -1)  # (S, n, p)
+        centred = rows - rows.mean(0)
+        getattr(oracle, f"mean_{node.index}").copy_(rows.mean(0))
+        getattr(oracle, f"cov_{node.index}").copy_(torch.einsum("snp,snq->npq", centred, centred) / (len(rows) - 1))
+    mean, var = oracle.predict(Xt)
+    assert ((mean[:, 0] - nuts_mean).abs() / nuts_std).max() < 0.5  # the mean is representable
+    assert (var[:, 0].sqrt() / nuts_std).max() > 2.0  # the std is not
