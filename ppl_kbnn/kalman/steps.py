@@ -39,6 +39,18 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
+def _weight_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Δμ_n = Σ_t c_tn a_tn`` and ``ΔC_n = Σ_t c_tn c_tnᵀ b_tn`` (diagonal of it for ``"diag"``).
+
+    ``c`` ``(..., T, n, p)``; ``a``, ``b`` ``(..., T, n)``; leading batch dims and tokens are summed.
+    """
+    batch = "".join(chr(ord("A") + i) for i in range(a.dim() - 2))
+    d_mean = torch.einsum(f"{batch}tnp,{batch}tn->np", c, a)
+    if w_kind == "block":
+        return d_mean, torch.einsum(f"{batch}tnp,{batch}tnq,{batch}tn->npq", c, c, b)
+    return d_mean, torch.einsum(f"{batch}tnp,{batch}tn->np", c * c, b)
+
+
 def filter_step(
     mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, noise_var: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,14 +94,8 @@ def smooth_linear(
         ``(Δμ_w (n, p), ΔC (n, p, p) or (n, p), Δμ_u, Δσ²_u)`` — the input changes are ``None``
         for a deterministic input. Leading batch dims are summed into the weight update.
     """
-    s2 = var_out[..., None]  # σ_a²: (..., T, n, 1)
-    Kw = guards.clip(_safe_div(w_cross, s2))  # RTS gain of the weights, c_w/σ_a²: (..., T, n, p)
-    batch = "".join(chr(ord("A") + i) for i in range(d_mean_out.dim() - 2))
-    d_mean_w = torch.einsum(f"{batch}tnp,{batch}tn->np", Kw, d_mean_out)
-    if w_kind == "block":
-        d_cov_w = torch.einsum(f"{batch}tnp,{batch}tnq,{batch}tn->npq", Kw, Kw, d_var_out)
-    else:
-        d_cov_w = torch.einsum(f"{batch}tnp,{batch}tn->np", Kw * Kw, d_var_out)
+    Kw = guards.clip(_safe_div(w_cross, var_out[..., None]))  # RTS gain of the weights, c_w/σ_a²: (..., T, n, p)
+    d_mean_w, d_cov_w = _weight_update(Kw, d_mean_out, d_var_out, w_kind)
     if in_cross is None:
         return d_mean_w, d_cov_w, None, None
     Ku = guards.clip(_safe_div(in_cross, var_out[..., None, :]))  # c_u/σ_a²: (..., T, d_in, n)
@@ -150,14 +156,9 @@ def smooth_linear_full(
     between the weights and the input, that the joint update creates are dropped (block belief).
     """
     Pinv = _pinv(cov_out)
-    v = (Pinv @ d_mean_out[..., None])[..., 0]  # (..., T, n)
-    s = torch.diagonal(Pinv @ d_cov_out @ Pinv, dim1=-2, dim2=-1)  # (..., T, n)
-    batch = "".join(chr(ord("A") + i) for i in range(d_mean_out.dim() - 2))
-    d_mean_w = torch.einsum(f"{batch}tnp,{batch}tn->np", w_cross, v)
-    if w_kind == "block":
-        d_cov_w = torch.einsum(f"{batch}tnp,{batch}tnq,{batch}tn->npq", w_cross, w_cross, s)
-    else:
-        d_cov_w = torch.einsum(f"{batch}tnp,{batch}tn->np", w_cross * w_cross, s)
+    v = (Pinv @ d_mean_out[..., None])[..., 0]  # (P_a⁻¹ Δm_a)_n: (..., T, n)
+    s = torch.diagonal(Pinv @ d_cov_out @ Pinv, dim1=-2, dim2=-1)  # (P_a⁻¹ ΔP_a P_a⁻¹)_nn: (..., T, n)
+    d_mean_w, d_cov_w = _weight_update(w_cross, v, s, w_kind)
     if in_cross is None:
         return d_mean_w, d_cov_w, None, None
     G = in_cross @ Pinv  # (..., T, d_in, n)
