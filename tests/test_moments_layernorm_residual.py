@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from conftest import random_psd
 
-from ppl_kbnn.mc import mc_cov, mc_mean, sample_gaussian, sample_sequence
+from ppl_kbnn.mc import mc_cov, mc_mean, sample_sequence
 from ppl_kbnn.moments import from_joint, layernorm_moments, residual_moments, to_joint
+from ppl_kbnn.validation.ops import residual_problem
 
 N = 200_000
 T, D = 3, 6
@@ -89,30 +90,9 @@ def test_layernorm_bad_inputs(gen):
         layernorm_moments(mean, -cov, kind="token")
 
 
-def residual_case(kind, gen):
-    """(x, g) jointly Gaussian with the cross-covariance structure the kind keeps; returns samples and blocks."""
-    mx, mg = torch.randn(T, D, generator=gen), torch.randn(T, D, generator=gen)
-    if kind == "joint":
-        Z = random_psd(2 * T * D, gen, 0.5)
-        z = sample_gaussian(torch.cat([mx.reshape(-1), mg.reshape(-1)]), Z, N, gen)
-        x, g = z[:, : T * D].reshape(N, T, D), z[:, T * D :].reshape(N, T, D)
-        B = Z.reshape(2, T, D, 2, T, D)
-        return x, g, mx, mg, B[0, :, :, 0], B[1, :, :, 1], B[0, :, :, 1]
-    if kind == "token":
-        Z = random_psd(2 * D, gen, 0.5, batch=(T,))  # per token (x_t, g_t)
-        z = sample_gaussian(torch.cat([mx, mg], -1), Z, N, gen)
-        return z[..., :D], z[..., D:], mx, mg, Z[:, :D, :D], Z[:, D:, D:], Z[:, :D, D:]
-    vx, vg = 0.5 * torch.rand(T, D, generator=gen) + 0.1, 0.5 * torch.rand(T, D, generator=gen) + 0.1
-    rho = 1.8 * torch.rand(T, D, generator=gen) - 0.9
-    e1, e2 = torch.randn(N, T, D, generator=gen), torch.randn(N, T, D, generator=gen)
-    x = mx + vx.sqrt() * e1
-    g = mg + vg.sqrt() * (rho * e1 + (1 - rho**2).sqrt() * e2)
-    return x, g, mx, mg, vx, vg, rho * (vx * vg).sqrt()
-
-
 @pytest.mark.parametrize("kind", ["diag", "token", "joint"])
 def test_residual_sum_matches_monte_carlo(kind, gen):
-    x, g, mx, mg, Px, Pg, Pxg = residual_case(kind, gen)
+    x, g, mx, mg, Px, Pg, Pxg = residual_problem(kind, N, gen, T, D)
     out = residual_moments(mx, Px, mg, Pg, Pxg, kind=kind)
     s = x + g
     assert mc_mean(s, out.mean).max_z < 4

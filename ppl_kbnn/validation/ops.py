@@ -354,9 +354,9 @@ def _case_attention_values(kind: str, N: int, gen: torch.Generator) -> list[dict
     ]
 
 
-def _case_residual(kind: str, N: int, gen: torch.Generator) -> list[dict[str, Any]]:
-    """``x + g`` for ``(x, g)`` jointly Gaussian with the cross-covariance the kind keeps."""
-    T, d = T_EX, D_EX
+def residual_problem(kind: str, N: int, gen: torch.Generator, T: int = T_EX, d: int = D_EX) -> tuple[torch.Tensor, ...]:
+    """``N`` draws of ``(x, g)`` ``(N, T, d)``, jointly Gaussian with the cross-covariance ``kind`` keeps,
+    and their moments ``(m_x, m_g, P_x, P_g, P_xg)`` in that kind's layout (shared with the unit tests)."""
     mx, mg = torch.randn(T, d, generator=gen, dtype=DTYPE), torch.randn(T, d, generator=gen, dtype=DTYPE)
     if kind == "joint":
         Z = _random_psd(2 * T * d, gen, 0.5)
@@ -378,6 +378,13 @@ def _case_residual(kind: str, N: int, gen: torch.Generator) -> list[dict[str, An
         x = mx + vx.sqrt() * e1
         g = mg + vg.sqrt() * (rho * e1 + (1 - rho**2).sqrt() * e2)
         Px, Pg, Pxg = vx, vg, rho * (vx * vg).sqrt()
+    return x, g, mx, mg, Px, Pg, Pxg
+
+
+def _case_residual(kind: str, N: int, gen: torch.Generator) -> list[dict[str, Any]]:
+    """``x + g`` for ``(x, g)`` jointly Gaussian with the cross-covariance the kind keeps."""
+    x, g, mx, mg, Px, Pg, Pxg = residual_problem(kind, N, gen)
+    T, d = T_EX, D_EX
     out = residual_moments(mx, Px, mg, Pg, Pxg, kind=kind)
     s = x + g  # (N, T, d)
     res = [_metric("mean", mc_mean(s, out.mean))]
