@@ -80,8 +80,7 @@ def _parse(model: BayesianModel) -> list[_Linear | _Activation]:
             nodes.append(_Linear(name, n_linear, mod.in_features, mod.out_features, has_bias,
                                  w if w in model.priors else None, b if b in model.priors else None))  # fmt: skip
             n_linear += 1
-        elif type(mod) in _ACTIVATIONS or any(isinstance(mod, t) for t in _ACTIVATIONS):
-            kind = next(v for t, v in _ACTIVATIONS.items() if isinstance(mod, t))
+        elif (kind := next((v for t, v in _ACTIVATIONS.items() if isinstance(mod, t)), None)) is not None:
             if kind == "gelu" and getattr(mod, "approximate", "none") != "none":
                 raise ValueError(f"unsupported module {full!r}: GELU(approximate={mod.approximate!r}); use exact GELU")
             nodes.append(_Activation(name, kind))
@@ -198,22 +197,20 @@ class KalmanGuide(PyroModule):
     # ------------------------------------------------------------------ forward moments
 
     def _forward_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Moments of the network output for inputs ``x`` ``(..., T, d_in)`` (diagonal hidden states)."""
-        mean, var = x, None
+        """Moments of the network output for inputs ``x`` ``(..., T, d_in)``; the cache holds, per node,
+        ``(node, input covariance, output moments)`` for the backward pass."""
+        mean, cov = x, None
         cache = []
-        w_kind = self.covariance
         with validation(False):
             for node in self.nodes:
                 if isinstance(node, _Linear):
                     w_mean, w_cov = self._belief(node)
-                    out = linear_moments(mean, var, w_mean, w_cov, kind=self._kind, w_kind=w_kind)
-                    cache.append((node, mean, var, out))
-                    mean, var = out.mean, out.cov
+                    out = linear_moments(mean, cov, w_mean, w_cov, kind=self._kind, w_kind=self.covariance)
                 else:
-                    out = activation_moments(mean, var, activation=node.activation, kind=self._kind)
-                    cache.append((node, mean, var, out))
-                    mean, var = out.mean, out.cov
-        return mean, var, cache
+                    out = activation_moments(mean, cov, activation=node.activation, kind=self._kind)
+                cache.append((node, cov, out))
+                mean, cov = out.mean, out.cov
+        return mean, cov, cache
 
     # ------------------------------------------------------------------ inputs
 
@@ -297,7 +294,7 @@ class KalmanGuide(PyroModule):
         filt_mean, filt_var = filter_step(mean, var, y[None, :], self.obs_noise**2)
         d_mean, d_var = filt_mean - mean, filt_var - var
         new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for node, _in_mean, in_var, out in reversed(cache):
+        for node, in_var, out in reversed(cache):
             if isinstance(node, _Activation):
                 d_mean, d_var_in = smooth_activation(d_mean, d_var, out.cov, out.cross, self.guards)
             else:
@@ -317,7 +314,7 @@ class KalmanGuide(PyroModule):
         filt_mean, filt_cov = filter_step_full(mean, cov, y[None, :], self.obs_noise**2)
         d_mean, d_cov = filt_mean - mean, filt_cov - cov
         new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for node, _in_mean, _in_cov, out in reversed(cache):
+        for node, _in_cov, out in reversed(cache):
             if isinstance(node, _Activation):
                 d_mean, d_cov = smooth_activation_full(d_mean, d_cov, out.cov, out.cross)
             else:
