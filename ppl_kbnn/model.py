@@ -23,7 +23,7 @@ import torch
 from pyro.nn.module import PyroModule, PyroSample, to_pyro_module_
 from torch import nn
 
-__all__ = ["BayesianModel", "RelativeScale"]
+__all__ = ["BayesianModel", "Input", "RelativeScale"]
 
 
 @dataclass(frozen=True)
@@ -39,17 +39,55 @@ class RelativeScale:
 
 
 PriorScale = float | Mapping[str, float] | RelativeScale
+Input = torch.Tensor | tuple | Mapping[str, torch.Tensor]
 BayesianSpec = str | Sequence[str] | Callable[[str], bool]
 
+_FIXED_BY_DEFAULT = (nn.LayerNorm, nn.Embedding)
+"""Module types whose parameters stay at their pre-trained values under ``bayesian="all"``."""
 
-def _selector(bayesian: BayesianSpec, module_names: set[str]) -> Callable[[str, str], bool]:
+
+def _head_and_blocks(net: nn.Module) -> tuple[str, list[str]]:
+    """The output head's module name and the names of the transformer blocks, in order."""
+    from .nn import DecisionTransformer, Transformer
+
+    if isinstance(net, Transformer):
+        return "head", [f"blocks.{i}" for i in range(len(net.blocks))]
+    if isinstance(net, DecisionTransformer):
+        return "predict_action", [f"blocks.{i}" for i in range(len(net.blocks))]
+    linears = [name for name, mod in net.named_modules() if isinstance(mod, nn.Linear)]
+    if not linears:
+        raise ValueError("bayesian='head' needs a network with a Linear layer")
+    return linears[-1], []
+
+
+def _selector(bayesian: BayesianSpec, net: nn.Module, module_names: set[str]) -> Callable[[str, str], bool]:
     """``(module_name, param_name) -> bool`` from the user's ``bayesian=`` argument."""
     if isinstance(bayesian, str):
-        if bayesian != "all":
+        fixed = {name for name, mod in net.named_modules() if isinstance(mod, _FIXED_BY_DEFAULT)}
+        if bayesian == "all":
+            return lambda mod, par: mod not in fixed
+        head, blocks = _head_and_blocks(net)
+        if bayesian == "head":
+            k = 0
+        elif bayesian == "last_block":
+            k = 1
+        elif bayesian.startswith("blocks:") and bayesian[7:].isdigit():
+            k = int(bayesian[7:])
+        else:
             raise ValueError(
-                f"bayesian={bayesian!r}: expected 'all', a list of module names or a predicate on parameter names"
+                f"bayesian={bayesian!r}: expected 'all', 'head', 'last_block', 'blocks:k', a list of module "
+                "names or a predicate on parameter names"
             )
-        return lambda mod, par: True
+        if k > len(blocks):
+            raise ValueError(f"bayesian={bayesian!r}: the network has only {len(blocks)} block(s)")
+        chosen = blocks[len(blocks) - k :]
+
+        def in_subset(mod: str, par: str) -> bool:
+            if mod in fixed:
+                return False
+            return mod == head or any(mod == b or mod.startswith(b + ".") for b in chosen)
+
+        return in_subset
     if callable(bayesian):
         return lambda mod, par: bool(bayesian(f"{mod}.{par}" if mod else par))
     names = list(bayesian)
@@ -67,9 +105,16 @@ class BayesianModel(PyroModule):
         prior_scale: prior std ``σ0``: a float, a dict ``{module_name: float}`` (every Bayesian
             module must be listed), or :class:`RelativeScale`.
         obs_noise: observation noise std ``σ_obs`` of the Normal likelihood.
-        bayesian: which parameters are random: ``"all"``, a list of module names (e.g. ``["2"]`` for
-            the third layer of an ``nn.Sequential``), or a predicate on dotted parameter names
-            (e.g. ``lambda n: n.startswith("2.")``).
+        bayesian: which parameters are random: ``"all"`` (every parameter except those of LayerNorm and
+            Embedding modules, which stay fixed by default), ``"head"`` (the output layer),
+            ``"last_block"`` (= ``"blocks:1"``), ``"blocks:k"`` (the last ``k`` transformer blocks plus the
+            head; LayerNorms inside stay fixed), a list of module names (e.g. ``["2"]`` for the third
+            layer of an ``nn.Sequential``), or a predicate on dotted parameter names (e.g.
+            ``lambda n: n.startswith("2.")``; this is how to make LayerNorm gains or embeddings random).
+        observe: which network outputs are observed: ``"last"`` (the last token of a sequence model; for
+            a :class:`~ppl_kbnn.nn.DecisionTransformer`, the action at the last state token) or ``"all"``
+            (every token / every state token). ``"auto"``: ``"last"`` for the transformers of
+            :mod:`ppl_kbnn.nn`, ``"all"`` (the whole output) otherwise.
 
     Attributes:
         net: the Pyro version of the network (Bayesian parameters are ``PyroSample`` sites).
@@ -82,6 +127,7 @@ class BayesianModel(PyroModule):
         prior_scale: PriorScale,
         obs_noise: float,
         bayesian: BayesianSpec = "all",
+        observe: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -89,12 +135,19 @@ class BayesianModel(PyroModule):
         if not obs_noise > 0:
             raise ValueError(f"obs_noise must be > 0, got {obs_noise}")
         self.obs_noise = float(obs_noise)
+        if observe not in ("auto", "last", "all"):
+            raise ValueError(f"observe must be 'auto', 'last' or 'all', got {observe!r}")
+        if observe == "auto":
+            from .nn import DecisionTransformer, Transformer
+
+            observe = "last" if isinstance(net, Transformer | DecisionTransformer) else "all"
+        self.observe = observe
         net = copy.deepcopy(net)
         params = dict(net.named_parameters())
         if not params:
             raise ValueError("net has no parameters")
         module_names = {name.rpartition(".")[0] for name in params}
-        select = _selector(bayesian, module_names)
+        select = _selector(bayesian, net, module_names)
         to_pyro_module_(net)
         self.net = net
         self.priors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -131,9 +184,30 @@ class BayesianModel(PyroModule):
         """Names of the Bayesian sites, in network order."""
         return list(self.priors)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample the weights once, evaluate the network on ``x`` ``(N, ...)``, observe ``y`` ``(N, d_out)``."""
-        out = self.net(x)
+    def output(self, x: Input) -> torch.Tensor:
+        """The observed network output for inputs ``x`` (current weights): ``(N, d_out)`` for
+        ``observe="last"``, the full output ``(N, ..., d_out)`` for ``observe="all"``.
+
+        ``x`` is a tensor ``(N, ...)``, a tuple of tensors (positional arguments of the network) or a
+        dict (keyword arguments, e.g. ``returns_to_go``, ``states``, ``actions``, ``timesteps`` of a
+        decision transformer).
+        """
+        if isinstance(x, Mapping):
+            out = self.net(**x)
+        elif isinstance(x, tuple | list):
+            out = self.net(*x)
+        else:
+            out = self.net(x)
+        if self.observe == "last":
+            if out.dim() != 3:
+                raise ValueError(f"observe='last' needs a sequence output (N, T, d_out), got {tuple(out.shape)}")
+            out = out[:, -1]  # (N, d_out)
+        return out
+
+    def forward(self, x: Input, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample the weights once, evaluate the network on ``x`` (see :meth:`output`), observe ``y``
+        (the shape of the observed output)."""
+        out = self.output(x)
         if y is not None and y.shape != out.shape:
             raise ValueError(f"y: expected shape {tuple(out.shape)} (the network's output), got {tuple(y.shape)}")
         with pyro.plate("data", out.shape[0]):
