@@ -1,0 +1,49 @@
+"""Inverted-pendulum tasks, distribution shifts, the LQR expert, and decision-transformer datasets.
+
+See :mod:`ppl_kbnn.envs.pendulum` (tasks, shifts, expert, rollouts), :mod:`ppl_kbnn.envs.dataset`
+(returns-to-go, normalisation, contexts, the decision-transformer policy) and
+:mod:`ppl_kbnn.envs.stats` (Wilson interval). ``python -m ppl_kbnn.envs.survey`` measures every
+named shift; results are in ``docs/pendulum-envs.md``.
+"""
+
+from .pendulum import (
+    ACTION_BOUND,
+    ENV_ID,
+    SHIFTS,
+    AngleBiasObservation,
+    ExpertPolicy,
+    Policy,
+    SuccessRate,
+    Task,
+    collect_episodes,
+    get_task,
+    linearize,
+    lqr_gain,
+    make_env,
+    rollout,
+    solve_dare,
+    success_rate,
+    time_episode,
+)
+from .stats import wilson_interval
+
+__all__ = [
+    "ACTION_BOUND",
+    "ENV_ID",
+    "SHIFTS",
+    "AngleBiasObservation",
+    "ExpertPolicy",
+    "Policy",
+    "SuccessRate",
+    "Task",
+    "collect_episodes",
+    "get_task",
+    "linearize",
+    "lqr_gain",
+    "make_env",
+    "rollout",
+    "solve_dare",
+    "success_rate",
+    "time_episode",
+    "wilson_interval",
+]
