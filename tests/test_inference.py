@@ -138,6 +138,10 @@ def test_arviz_adapter_agrees_with_pyro_stats(nuts_run):
     assert set(conv) == {"max_rhat", "min_ess_bulk", "min_ess_tail"}
     assert all(isinstance(v, float) for v in conv.values())
     assert conv["max_rhat"] == pytest.approx(nuts_run.diagnostics["max_rhat"])
+    one = inf.convergence({k: v[:1] for k, v in grouped.items()})  # a single chain: no R-hat, ESS still
+    assert one["max_rhat"] != one["max_rhat"] and one["min_ess_bulk"] > 100
+    with pytest.raises(ValueError, match="2 chains"):
+        inf.rhat({k: v[:1] for k, v in grouped.items()})
     table = inf.summary(grouped)
     assert len(table) == 3 and {"mean", "sd", "ess_bulk", "ess_tail", "r_hat"} <= set(table.columns)
     means = _flat(nuts_run.samples).mean(0)

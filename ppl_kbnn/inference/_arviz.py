@@ -50,9 +50,16 @@ def _idata(samples: Draws) -> Any:
     return _az().from_dict(posterior=posterior)
 
 
+def _num_chains(samples: Draws) -> int:
+    return int(next(iter(samples.values())).shape[0])
+
+
 def rhat(samples: Draws, method: str = "rank") -> dict[str, np.ndarray]:
-    """R-hat per site, each shaped like the site (``az.rhat(..., method=method)``)."""
-    ds = _az().rhat(_idata(samples), method=method)
+    """R-hat per site, each shaped like the site (``az.rhat(..., method=method)``); needs >= 2 chains."""
+    idata = _idata(samples)
+    if _num_chains(samples) < 2:
+        raise ValueError("rhat needs at least 2 chains (arviz refuses one chain)")
+    ds = _az().rhat(idata, method=method)
     return {name: np.asarray(ds[name].values) for name in samples}
 
 
@@ -67,18 +74,21 @@ def _extreme(per_site: dict[str, np.ndarray], fn: Any) -> float:
 
 
 def convergence(samples: Draws) -> dict[str, float]:
-    """``{"max_rhat", "min_ess_bulk", "min_ess_tail"}`` over every scalar of every site (plain floats).
+    """``{"max_rhat", "min_ess_bulk", "min_ess_tail"}`` over every scalar of every site (plain floats; a
+    ``nan`` anywhere, e.g. from a parameter that never moved, propagates rather than being skipped).
 
-    ``max_rhat`` is the rank-normalised split-R-hat (needs ≥ 1 chain; with 1 chain it compares its halves).
+    ``max_rhat`` is the rank-normalised split-R-hat; it is ``nan`` for a single chain (arviz needs >= 2).
     """
     idata = _idata(samples)
     az = _az()
-    out = {}
-    for key, ds, fn in (
-        ("max_rhat", az.rhat(idata), np.nanmax),
-        ("min_ess_bulk", az.ess(idata, method="bulk"), np.nanmin),
-        ("min_ess_tail", az.ess(idata, method="tail"), np.nanmin),
-    ):
+    out = {"max_rhat": float("nan")}
+    stats = [
+        ("min_ess_bulk", az.ess(idata, method="bulk"), np.min),
+        ("min_ess_tail", az.ess(idata, method="tail"), np.min),
+    ]
+    if _num_chains(samples) >= 2:
+        stats.insert(0, ("max_rhat", az.rhat(idata), np.max))
+    for key, ds, fn in stats:
         out[key] = _extreme({name: np.asarray(ds[name].values) for name in samples}, fn)
     return out
 
