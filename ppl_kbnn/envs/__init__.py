@@ -6,6 +6,7 @@ See :mod:`ppl_kbnn.envs.pendulum` (tasks, shifts, expert, rollouts), :mod:`ppl_k
 named shift; results are in ``docs/pendulum-envs.md``.
 """
 
+from .dataset import DTDataset, DTPolicy, Normalizer, make_contexts, returns_to_go
 from .pendulum import (
     ACTION_BOUND,
     ENV_ID,
@@ -32,7 +33,10 @@ __all__ = [
     "ENV_ID",
     "SHIFTS",
     "AngleBiasObservation",
+    "DTDataset",
+    "DTPolicy",
     "ExpertPolicy",
+    "Normalizer",
     "Policy",
     "SuccessRate",
     "Task",
@@ -40,7 +44,9 @@ __all__ = [
     "get_task",
     "linearize",
     "lqr_gain",
+    "make_contexts",
     "make_env",
+    "returns_to_go",
     "rollout",
     "solve_dare",
     "success_rate",

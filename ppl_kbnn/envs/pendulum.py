@@ -383,12 +383,13 @@ def rollout(
 ) -> dict[str, Any]:
     """Run one episode of at most ``max_steps`` steps from ``env.reset(seed=seed)``.
 
-    The applied action is ``clip(policy(obs) + action_noise · ξ, -3, 3)`` with ``ξ ~ N(0, 1)`` drawn
+    The applied action is ``clip(clip(policy(obs), -3, 3) + action_noise · ξ, -3, 3)`` with ``ξ ~ N(0, 1)`` drawn
     from ``rng`` (default ``np.random.default_rng(seed)``); exploration noise for data collection.
 
     Returns:
         dict with ``states`` (T, 4) float64 (the observations the policy saw, bias included),
-        ``actions`` (T, 1) float64 (applied), ``rewards`` (T,) float64, ``timesteps`` (T,) int64
+        ``actions`` (T, 1) float64 (applied, noise included), ``policy_actions`` (T, 1) float64 (the
+        policy's own clipped actions, before noise), ``rewards`` (T,) float64, ``timesteps`` (T,) int64
         ``0..T-1``, ``length`` T, ``success`` (survived ``max_steps`` steps without termination),
         ``seed``, and ``task`` (name, if the env was made by :func:`make_env`).
     """
@@ -406,15 +407,16 @@ def rollout(
         policy.reset()
 
     obs, _ = env.reset(seed=seed)
-    states, actions, rewards = [], [], []
+    states, actions, policy_actions, rewards = [], [], [], []
     terminated = False
     for _ in range(max_steps):
-        a = np.asarray(act(obs), dtype=np.float64).reshape(ACT_DIM)  # (1,)
+        a_policy = np.clip(np.asarray(act(obs), dtype=np.float64).reshape(ACT_DIM), -ACTION_BOUND, ACTION_BOUND)
+        a = a_policy
         if action_noise > 0:
-            a = a + action_noise * rng.standard_normal(ACT_DIM)
-        a = np.clip(a, -ACTION_BOUND, ACTION_BOUND)
+            a = np.clip(a_policy + action_noise * rng.standard_normal(ACT_DIM), -ACTION_BOUND, ACTION_BOUND)
         states.append(np.asarray(obs, dtype=np.float64))
         actions.append(a)
+        policy_actions.append(a_policy)
         obs, r, terminated, truncated, _ = env.step(a.astype(np.float32))
         rewards.append(float(r))
         if isinstance(policy, Policy):
@@ -426,6 +428,7 @@ def rollout(
     return {
         "states": np.stack(states),  # (T, 4)
         "actions": np.stack(actions),  # (T, 1)
+        "policy_actions": np.stack(policy_actions),  # (T, 1)
         "rewards": np.asarray(rewards),  # (T,)
         "timesteps": np.arange(T, dtype=np.int64),  # (T,)
         "length": T,
@@ -508,4 +511,3 @@ def time_episode(task: Task | str, policy: Policy, *, max_steps: int = 1000, see
         return time.perf_counter() - t0
     finally:
         env.close()
-
