@@ -249,6 +249,9 @@ class DTPolicy(Policy):
     action slot a zero placeholder; :meth:`DecisionTransformer.get_action` left-pads histories shorter
     than ``K`` with a mask (the convention of :func:`make_contexts`). ``R̂_0 = target_return`` (raw,
     e.g. 1000) and ``R̂_{t+1} = R̂_t - r_t``. The network's output is de-normalised and clipped to ±3.
+
+    Speed: about 1 ms per step for a 1-layer ``d_model = 16`` network with ``torch.set_num_threads(1)``;
+    with more threads than free cores, torch's thread pool makes each step several times slower.
     """
 
     def __init__(self, net: nn.Module, normalizer: Normalizer, target_return: float, K: int | None = None) -> None:
@@ -285,14 +288,16 @@ class DTPolicy(Policy):
             return torch.as_tensor(np.asarray(x), dtype=dtype or self._dtype, device=self._device)
 
         was_training = self.net.training
-        self.net.eval()
+        if was_training:  # switching modes walks every submodule: do it only when needed
+            self.net.eval()
         y = self.net.get_action(
             t(self._rtg)[:, None],  # (L, 1)
             t(np.stack(self._states)),  # (L, 4)
             t(np.stack(self._actions)),  # (L, 1)
             t(self._timesteps, torch.long),  # (L,)
         )  # (1,)
-        self.net.train(was_training)
+        if was_training:
+            self.net.train()
         a = self.normalizer.denorm_actions(y.detach().cpu().double().numpy())
         return np.clip(a, -ACTION_BOUND, ACTION_BOUND)  # (1,)
 
