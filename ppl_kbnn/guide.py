@@ -31,10 +31,12 @@ from .kalman import (
     smooth_activation_full,
     smooth_linear,
     smooth_linear_full,
+    weight_update,
 )
 from .model import BayesianModel
 from .moments import activation_moments, linear_moments, validation
 from .moments._checks import check_tensor
+from .propagate import MODES, Propagator, full_cov
 
 __all__ = ["KalmanGuide"]
 
@@ -66,19 +68,52 @@ class _Activation:
     activation: str
 
 
+def _is_transformer(net: nn.Module) -> bool:
+    from .nn import DecisionTransformer, Transformer
+
+    return isinstance(net, Transformer | DecisionTransformer)
+
+
+def _linear_node(model: BayesianModel, name: str, mod: nn.Linear, index: int) -> _Linear:
+    full = f"net.{name}" if name else "net"
+    w, b = f"{full}.weight", f"{full}.bias"
+    has_bias = b in model.priors or "bias" in mod._buffers and mod._buffers["bias"] is not None
+    return _Linear(name, index, mod.in_features, mod.out_features, has_bias,
+                   w if w in model.priors else None, b if b in model.priors else None)  # fmt: skip
+
+
+def _parse_transformer(model: BayesianModel) -> list[_Linear]:
+    """The Bayesian linear maps of a transformer, in module order; a Bayesian parameter of any
+    other module (LayerNorm, Embedding) is rejected by name."""
+    nodes: list[_Linear] = []
+    covered: set[str] = set()
+    for name, mod in model.net.named_modules():
+        if isinstance(mod, nn.Linear):
+            node = _linear_node(model, name, mod, len(nodes))
+            if node.weight_site or node.bias_site:
+                nodes.append(node)
+                covered.update(s for s in (node.weight_site, node.bias_site) if s)
+    other = [site for site in model.priors if site not in covered]
+    if other:
+        raise ValueError(
+            f"unsupported Bayesian parameter(s) {other}: KalmanGuide updates Linear weights only "
+            "(LayerNorm gains and embeddings must stay fixed)"
+        )
+    return nodes
+
+
 def _parse(model: BayesianModel) -> list[_Linear | _Activation]:
     """The network as a chain of nodes; anything unsupported is rejected by name."""
     net = model.net
+    if _is_transformer(net):
+        return _parse_transformer(model)
     children = list(net.named_children()) if isinstance(net, nn.Sequential) else [("", net)]
     nodes: list[_Linear | _Activation] = []
     n_linear = 0
     for name, mod in children:
         full = f"net.{name}" if name else "net"
         if isinstance(mod, nn.Linear):
-            w, b = f"{full}.weight", f"{full}.bias"
-            has_bias = b in model.priors or "bias" in mod._buffers and mod._buffers["bias"] is not None
-            nodes.append(_Linear(name, n_linear, mod.in_features, mod.out_features, has_bias,
-                                 w if w in model.priors else None, b if b in model.priors else None))  # fmt: skip
+            nodes.append(_linear_node(model, name, mod, n_linear))
             n_linear += 1
         elif (kind := next((v for t, v in _ACTIVATIONS.items() if isinstance(mod, t)), None)) is not None:
             if kind == "gelu" and getattr(mod, "approximate", "none") != "none":
@@ -95,16 +130,27 @@ def _parse(model: BayesianModel) -> list[_Linear | _Activation]:
     return nodes
 
 
+def _take(x, i: int):
+    """Sample ``i`` of a batch (a tensor or a dict of tensors), keeping a batch dim of 1."""
+    if isinstance(x, dict):
+        return {k: v[i : i + 1] for k, v in x.items()}
+    return x[i : i + 1]
+
+
 class KalmanGuide(PyroModule):
     """Closed-form Kalman guide (KBNN) for a :class:`~ppl_kbnn.model.BayesianModel`.
 
     Args:
-        model: the Pyro model (its network must be an ``nn.Sequential`` of ``Linear``, ``ReLU``,
-            ``GELU``, ``Tanh``, ``Sigmoid``, ``Identity``, or a single ``Linear``).
+        model: the Pyro model. Its network is an ``nn.Sequential`` of ``Linear``, ``ReLU``, ``GELU``,
+            ``Tanh``, ``Sigmoid``, ``Identity`` (or a single ``Linear``): the KBNN chain; or a
+            :class:`~ppl_kbnn.nn.Transformer` / :class:`~ppl_kbnn.nn.DecisionTransformer`: the KBT.
         covariance: ``"block"`` (per-neuron full covariance over ``[W_n, b_n]``) or ``"diag"``.
-        hidden: hidden-state covariance of the forward and backward passes: ``"diag"`` (KBNN: scalar
-            gains, neurons summed as independent) or ``"full"`` (full covariance within a sample:
-            Wright-series activation covariances forward, vector RTS steps backward).
+        hidden: hidden-state covariance of the forward and backward passes. Chains: ``"diag"`` (KBNN:
+            scalar gains, neurons summed as independent) or ``"full"`` (full covariance within a
+            sample: Wright-series activation covariances forward, vector RTS steps backward).
+            Transformers: ``"diag"``, ``"token"``, ``"feature"`` or ``"joint"``
+            (:mod:`ppl_kbnn.propagate`); the backward pass is the statistical gradient of the
+            propagated mean (KBNN smoothing in closed form, docs/kbt.md).
         process_noise: variance ``q`` added to every Bayesian weight's variance before each
             sample's update (random-walk drift, ``θ_t = θ_{t-1} + N(0, qI)``); default 0 (static).
         var_floor, jitter, gain_clip, psd_repair: numerical guards (see :mod:`ppl_kbnn.kalman.guards`);
@@ -134,14 +180,23 @@ class KalmanGuide(PyroModule):
             raise ValueError(f"covariance must be 'block' or 'diag', got {covariance!r}")
         if process_noise < 0:
             raise ValueError(f"process_noise must be >= 0, got {process_noise}")
-        if hidden not in ("diag", "full"):
-            raise ValueError(f"hidden must be 'diag' or 'full', got {hidden!r}")
-        if hidden == "full" and gain_clip is not None:
-            raise ValueError("gain_clip is only available with hidden='diag' (the full RTS gains are matrices)")
+        self.transformer = _is_transformer(model.net)
+        if self.transformer:
+            if hidden not in MODES:
+                raise ValueError(f"hidden must be one of {MODES} for a transformer, got {hidden!r}")
+            if gain_clip is not None:
+                raise ValueError("gain_clip applies to KBNN chains only (a transformer's gains are computed jointly)")
+        else:
+            if hidden not in ("diag", "full"):
+                raise ValueError(f"hidden must be 'diag' or 'full', got {hidden!r}")
+            if hidden == "full" and gain_clip is not None:
+                raise ValueError("gain_clip is only available with hidden='diag' (the full RTS gains are matrices)")
         self.covariance = covariance
         self.hidden = hidden
         self._kind = "diag" if hidden == "diag" else "token"
         self.obs_noise = model.obs_noise
+        self.observe = model.observe
+        self.__dict__["_net"] = model.net  # structure and fixed weights (transformers); not a submodule
         self.process_noise = float(process_noise)
         self.guards = Guards(var_floor=var_floor, jitter=jitter, gain_clip=gain_clip, psd_repair=psd_repair)
         self.nodes = _parse(model)
@@ -184,6 +239,11 @@ class KalmanGuide(PyroModule):
     def _belief(self, node: _Linear) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"mean_{node.index}"), getattr(self, f"cov_{node.index}")
 
+    def beliefs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{linear_module_name: (mean (rows, p), cov)}``: the belief of every Bayesian linear map
+        (bias last in ``p``; ``cov`` ``(rows, p, p)`` for ``"block"``, ``(rows, p)`` for ``"diag"``)."""
+        return {node.module: self._belief(node) for node in self._linears}
+
     @property
     def belief_bytes(self) -> int:
         """Bytes held by the belief (means and covariances) beyond the pre-trained weights."""
@@ -214,6 +274,53 @@ class KalmanGuide(PyroModule):
 
     # ------------------------------------------------------------------ inputs
 
+    def _check_seq_x(self, x) -> tuple[torch.Tensor | dict, int]:
+        """A transformer input: ``(N, T, d_in)``, or for a decision transformer a dict of ``(N, K, ...)``."""
+        from collections.abc import Mapping
+
+        items = x.items() if isinstance(x, Mapping) else [("x", x)]
+        if not isinstance(x, Mapping) and not isinstance(x, torch.Tensor):
+            raise ValueError(f"x: expected a tensor (N, T, d_in) or a dict of tensors, got {type(x).__name__}")
+        n = None
+        for name, t in items:
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+            if t.is_floating_point():
+                check_tensor(name, t)  # finite
+            if t.is_floating_point() and t.dtype != self.dtype:
+                raise ValueError(f"{name}: dtype {t.dtype} does not match the belief's {self.dtype}")
+            if t.dim() < 2:
+                raise ValueError(f"{name}: expected a batch of sequences (N, T, ...), got shape {tuple(t.shape)}")
+            if n is not None and t.shape[0] != n:
+                raise ValueError(f"{name}: batch size {t.shape[0]} differs from the other inputs' {n}")
+            n = t.shape[0]
+        if not isinstance(x, Mapping):
+            d_in = self._net.config.d_in
+            if x.dim() != 3 or x.shape[-1] != d_in:
+                raise ValueError(f"x: expected shape (N, T, {d_in}), got {tuple(x.shape)}")
+        return x, n
+
+    def _check_seq_y(self, y: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+        check_tensor("y", y)
+        if y.dtype != self.dtype:
+            raise ValueError(f"y: dtype {y.dtype} does not match the belief's {self.dtype}")
+        if y.shape != out_shape and y.dim() == len(out_shape) - 1 and out_shape[-1] == 1:
+            y = y[..., None]  # one-output network: trailing dim may be omitted
+        if y.shape != out_shape:
+            raise ValueError(f"y: expected shape {out_shape} (the observed outputs, observe={self.observe!r}), "
+                             f"got {tuple(y.shape)}")  # fmt: skip
+        return y
+
+    def _propagator(self) -> Propagator:
+        return Propagator(self._net, self.beliefs(), mode=self.hidden, w_kind=self.covariance, observe=self.observe)
+
+    def _out_shape(self, x, n: int) -> tuple[int, ...]:
+        d_out = self._net.config.d_out if hasattr(self._net.config, "d_out") else self._net.config.act_dim
+        if self.observe == "last":
+            return (n, d_out)
+        T = x["states"].shape[1] if isinstance(x, dict) else x.shape[1]
+        return (n, T, d_out)
+
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
         d_in = self._linears[0].d_in
         check_tensor("x", x)
@@ -241,11 +348,20 @@ class KalmanGuide(PyroModule):
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, x) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed-form predictive ``(mean, var)`` of ``y`` at inputs ``x`` ``(N, d_in)``, each ``(N, d_out)``.
 
-        ``var`` includes the observation noise ``obs_noise²``.
+        Transformers: ``x`` ``(N, T, d_in)`` (decision transformer: a dict of ``(N, K, ...)`` tensors);
+        outputs ``(N, d_out)`` for ``observe="last"``, ``(N, T, d_out)`` for ``"all"``. ``var`` (the
+        marginal variances) includes the observation noise ``obs_noise²``.
         """
+        if self.transformer:
+            x, n = self._check_seq_x(x)
+            with validation(False):
+                out = self._propagator().forward(x)
+            var = torch.diagonal(full_cov(out, self._propagator().kind), dim1=-2, dim2=-1).reshape(out.mean.shape)
+            mean, var = out.mean, var + self.obs_noise**2  # (N, n_tok, d_out)
+            return (mean[:, 0], var[:, 0]) if self.observe == "last" else (mean, var)
         x = self._check_x(x)
         mean, cov, _ = self._forward_moments(x[:, None, :])  # each input a one-token sequence
         var = cov if self.hidden == "diag" else torch.diagonal(cov, dim1=-2, dim2=-1)
@@ -258,29 +374,84 @@ class KalmanGuide(PyroModule):
         Raises ``ValueError`` for bad input (shape, dtype, NaN/inf) and ``FloatingPointError`` if an
         update produces a non-finite belief; in both cases the belief is left exactly as it was.
         """
-        x = self._check_x(x)
-        y = self._check_y(y, x.shape[0])
+        if self.transformer:
+            x, n = self._check_seq_x(x)
+            y = self._check_seq_y(y, self._out_shape(x, n))
+        else:
+            x = self._check_x(x)
+            y = self._check_y(y, x.shape[0])
+            n = x.shape[0]
         snapshot = {k: v.clone() for k, v in self._buffers.items()}
         counts = self.guards.counts.copy()
         t0 = time.perf_counter()
         try:
-            for i in range(x.shape[0]):  # samples are sequential by nature
-                self._update_one(x[i], y[i])
+            for i in range(n):  # samples are sequential by nature
+                if self.transformer:
+                    self._update_transformer(_take(x, i), y[i])
+                else:
+                    self._update_one(x[i], y[i])
         except Exception:
             for k, v in snapshot.items():
                 self._buffers[k].copy_(v)
             self.guards.counts = counts
             raise
-        self.n_updates += x.shape[0]
+        self.n_updates += n
         self.update_seconds += time.perf_counter() - t0
         return self
 
-    def _update_one(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _add_process_noise(self) -> None:
         if self.process_noise > 0:
             for node in self._linears:
                 _, cov = self._belief(node)
                 q = self.process_noise * getattr(self, f"mask_{node.index}").to(cov.dtype)
                 cov += torch.diag_embed(q) if self.covariance == "block" else q
+
+    def linearise(self, x) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward moments and statistical Jacobians of one transformer input (batch of 1).
+
+        Returns ``(mean (m,), cov (m, m), jacs)``: the predictive mean and covariance of the ``m``
+        observed outputs *without* observation noise, and ``jacs[module] = ∂E[y]/∂μ_W`` ``(m, rows, p)``
+        for every Bayesian linear map (the statistical Jacobian: covariances held fixed, see
+        :mod:`ppl_kbnn.propagate`). ``Cov(w_n, y) = C_n jacs[module][:, n]ᵀ``.
+        """
+        if not self.transformer:
+            raise ValueError("linearise is available for transformer models")
+        x, n = self._check_seq_x(x)
+        if n != 1:
+            raise ValueError(f"linearise takes one input (batch of 1), got {n}")
+        nodes = self._linears
+        leaves = {node.module: self._belief(node)[0].detach().clone().requires_grad_(True) for node in nodes}
+        beliefs = {node.module: (leaves[node.module], self._belief(node)[1]) for node in nodes}
+        prop = Propagator(self._net, beliefs, mode=self.hidden, w_kind=self.covariance, observe=self.observe)
+        with torch.enable_grad(), validation(False):
+            out = prop.forward(x)  # mean (1, n_tok, d_out)
+            mu = out.mean.reshape(-1)  # (m,)
+            m = mu.shape[0]
+            grads = [torch.autograd.grad(mu[k], list(leaves.values()), retain_graph=k < m - 1, allow_unused=True)
+                     for k in range(m)]  # fmt: skip
+        jacs = {
+            node.module: torch.stack([torch.zeros_like(leaves[node.module]) if g[j] is None else g[j] for g in grads])
+            for j, node in enumerate(nodes)
+        }  # (m, rows, p)
+        return mu.detach(), full_cov(out, prop.kind)[0], jacs
+
+    def _update_transformer(self, x, y: torch.Tensor) -> None:
+        """One sample: forward moments, then every weight row's Kalman update from the statistical
+        Jacobian of the observed outputs (:func:`~ppl_kbnn.kalman.weight_update`)."""
+        self._add_process_noise()
+        mu, S, jacs = self.linearise(x)
+        var = torch.diagonal(S)
+        if self.guards.var_floor > 0:
+            var = self.guards.floor(var)
+        S = S - torch.diag(torch.diagonal(S)) + torch.diag(var + self.obs_noise**2)  # + R
+        resid = y.reshape(-1) - mu
+        new = {node.index: weight_update(*self._belief(node), jacs[node.module], S, resid, self.covariance)
+               for node in self._linears}  # fmt: skip
+        for index, (mean, cov) in new.items():
+            self._commit(index, mean, cov)
+
+    def _update_one(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._add_process_noise()
         if self.hidden == "full":
             new = self._backward_full(x, y)
         else:

@@ -78,3 +78,58 @@ def mc_var(x: torch.Tensor, closed: torch.Tensor, atol: float = 1e-12) -> MCChec
     xc = x - x.mean(0)
     n = x.shape[0]
     return _check(xc * xc * (n / (n - 1)), closed, atol)
+
+
+def sample_weight_rows(mean: torch.Tensor, cov: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` draws ``(n, rows, p)`` of independent weight rows: ``cov`` ``(rows, p, p)`` (block) or
+    ``(rows, p)`` (diagonal); singular blocks (fixed entries) are fine."""
+    if cov.dim() == 2:
+        eps = torch.randn((n, *mean.shape), generator=generator, dtype=mean.dtype)
+        return mean + cov.clamp_min(0.0).sqrt() * eps
+    return sample_gaussian(mean, cov, n, generator)
+
+
+def network_samples(
+    net: torch.nn.Module,
+    beliefs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    x,
+    n: int,
+    generator: torch.Generator,
+    *,
+    observe: str = "last",
+    chunk: int = 500,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Push ``n`` weight draws from a Gaussian belief through the deterministic network.
+
+    Args:
+        net: the deterministic network (plain ``torch.nn.Module``; its own parameters are the fixed weights).
+        beliefs: ``{linear_module_name: (mean (rows, p), cov)}``, ``p = d_in + 1`` (bias last) or ``d_in``.
+        x: the network input: a tensor, or a dict of keyword arguments (decision transformer).
+        observe: ``"last"`` keeps the last token's output, ``"all"`` the whole output.
+
+    Returns:
+        ``(outputs (n, ...), draws {name: (n, rows, p)})``; evaluated with ``torch.func.vmap`` in chunks.
+    """
+    from torch.func import functional_call, vmap
+
+    draws = {name: sample_weight_rows(m, c, n, generator) for name, (m, c) in beliefs.items()}
+    kwargs = dict(x) if isinstance(x, dict) else None
+
+    def run(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = functional_call(net, params, args=(), kwargs=kwargs) if kwargs is not None else functional_call(
+            net, params, (x,)
+        )
+        return out[:, -1] if observe == "last" else out
+
+    outs = []
+    for start in range(0, n, chunk):
+        params = {}
+        for name, w in draws.items():
+            w = w[start : start + chunk]
+            d_in = net.get_submodule(name).in_features
+            params[f"{name}.weight"] = w[..., :d_in]
+            if w.shape[-1] == d_in + 1:
+                params[f"{name}.bias"] = w[..., d_in]
+        with torch.no_grad():
+            outs.append(vmap(run)(params))
+    return torch.cat(outs), draws

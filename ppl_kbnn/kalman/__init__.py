@@ -8,6 +8,7 @@ from .steps import (
     smooth_activation_full,
     smooth_linear,
     smooth_linear_full,
+    weight_update,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "smooth_activation_full",
     "smooth_linear",
     "smooth_linear_full",
+    "weight_update",
 ]

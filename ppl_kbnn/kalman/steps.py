@@ -164,3 +164,39 @@ def smooth_linear_full(
     G = in_cross @ Pinv  # (..., T, d_in, n)
     d_cov_u = G @ d_cov_out @ G.mT
     return d_mean_w, d_cov_w, (G @ d_mean_out[..., None])[..., 0], 0.5 * (d_cov_u + d_cov_u.mT)
+
+
+def weight_update(
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    jac: torch.Tensor,
+    S: torch.Tensor,
+    resid: torch.Tensor,
+    w_kind: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Kalman update of one layer's weight rows from the statistical Jacobian of the observation.
+
+    With ``g_n = ∂E[y]/∂μ_{w_n}`` (``(p, m)`` for row ``n``; the statistical Jacobian, see
+    :mod:`ppl_kbnn.propagate`), ``S`` the predictive covariance of ``y`` including the noise and
+    ``r = y - E[y]``:
+
+    .. math::
+        c_n = C_n g_n = \mathrm{Cov}(w_n, y), \qquad K_n = c_n S^{-1}, \qquad
+        \mu_n^+ = \mu_n + K_n r, \qquad C_n^+ = C_n - K_n c_n^\top .
+
+    Rows stay independent (block-diagonal belief); ``"diag"`` keeps the diagonal of ``C_n^+``. On a
+    chain this equals KBNN's filter step followed by smoothing I/II (docs/kbt.md).
+
+    Args:
+        mean: ``(n, p)``; cov: ``(n, p, p)`` (``"block"``) or ``(n, p)`` (``"diag"``);
+        jac: ``(m, n, p)``; S: ``(m, m)``; resid: ``(m,)``.
+    """
+    if w_kind == "block":
+        c = torch.einsum("npq,knq->npk", cov, jac)  # (n, p, m)
+    else:
+        c = cov[..., None] * jac.permute(1, 2, 0)  # (n, p, m)
+    K = torch.linalg.solve(S, c.mT).mT  # c S⁻¹ (S symmetric): (n, p, m)
+    new_mean = mean + K @ resid
+    if w_kind == "block":
+        return new_mean, cov - K @ c.mT
+    return new_mean, cov - (K * c).sum(-1)

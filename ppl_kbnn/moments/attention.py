@@ -382,7 +382,7 @@ def attention_value_moments(
         v_cross = torch.einsum("...ts,...zjsi->...zjti", a_mean, v_cov)
         return AttentionValueMoments(mean, cov, a_cross, v_cross)
     a2 = a_mean * a_mean + torch.diagonal(a_cov, dim1=-2, dim2=-1)  # E[a_ts²]
-    a_cross = a_cov @ v_mean  # Σ_s' A_t,ss' m_vs': (..., T, S, dv)
+    a_cross = a_cov @ v_mean[..., None, :, :]  # Σ_s' A_t,ss' m_vs': (..., T, S, dv)
     if kind is CovKind.TOKEN:
         cov = torch.einsum("...ts,...sij->...tij", a2, v_cov)
         cov = cov + v_mean.mT[..., None, :, :] @ a_cross  # m_vᵀ A_t m_v
