@@ -244,6 +244,17 @@ class KalmanGuide(PyroModule):
         (bias last in ``p``; ``cov`` ``(rows, p, p)`` for ``"block"``, ``(rows, p)`` for ``"diag"``)."""
         return {node.module: self._belief(node) for node in self._linears}
 
+    @torch.no_grad()
+    def load_beliefs(self, other: KalmanGuide) -> KalmanGuide:
+        """Copy the belief of ``other`` (a guide of the same network and ``covariance``; its ``hidden``
+        mode may differ), e.g. to evaluate one belief under several hidden-state modes."""
+        if other.covariance != self.covariance or [n for n in other.nodes] != [n for n in self.nodes]:
+            raise ValueError("load_beliefs: the other guide has a different structure or covariance kind")
+        for node in self._linears:
+            for name in (f"mean_{node.index}", f"cov_{node.index}"):
+                getattr(self, name).copy_(getattr(other, name))
+        return self
+
     @property
     def belief_bytes(self) -> int:
         """Bytes held by the belief (means and covariances) beyond the pre-trained weights."""
