@@ -1,8 +1,13 @@
-"""Command line: ``ppl-kbnn validate`` (closed forms against Monte Carlo) and ``ppl-kbnn --version``.
+"""Command line: ``ppl-kbnn validate``, ``ppl-kbnn pendulum``, ``ppl-kbnn bench`` and ``ppl-kbnn --version``.
 
 ``ppl-kbnn validate [--quick] [--seed N] [--out DIR] [--sections NAME ...]`` runs the
 validation sections of :data:`SECTIONS`, writes each section's files into ``DIR`` plus
 ``DIR/report.json`` and ``DIR/report.md``, and exits with 0 when every check passed, 1 otherwise.
+
+``ppl-kbnn pendulum [--quick] [--seed N] [--out DIR]`` runs the pendulum study
+(:func:`ppl_kbnn.pendulum.run_study`: ``results.json``, ``results.md``, PNGs);
+``ppl-kbnn bench [--quick] [--out DIR]`` the benchmarks (:func:`ppl_kbnn.bench.run_bench`:
+``bench.json``, ``bench.md``, PNGs).
 """
 
 from __future__ import annotations
@@ -143,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"sections to run (default all: {', '.join(SECTIONS)})",
     )  # fmt: skip
     val.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for name, help_, out in (("pendulum", "the pendulum adaptation study (DESIGN §7)", "pendulum-out"),
+                             ("bench", "update time and memory benchmarks", "bench-out")):  # fmt: skip
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--quick", action="store_true", help="a small version (minutes)")
+        p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
+        p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -174,5 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = "all passed" if not failed else f"{len(failed)} failed"
         print(f"{n_checks} checks, {verdict}; report: {args.out / 'report.md'}", file=sys.stderr)
         return 0 if not failed else 1
+    if args.command in ("pendulum", "bench"):
+        command = shlex.join(["ppl-kbnn", *argv])
+        if args.command == "pendulum":
+            from .pendulum import run_study as run
+        else:
+            from .bench import run_bench as run
+        run(out_dir=args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, command=command)
+        print(f"results: {args.out}", file=sys.stderr)
+        return 0
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
     return 2  # pragma: no cover
