@@ -58,18 +58,20 @@ N_UPDATES = 100
 TOL = 1e-10
 DTYPE = torch.float64
 
+
+def _spec(net: str, d_in: int, d_out: int, s0: float, r: float, q: float, hidden: str) -> dict[str, Any]:
+    return {"net": net, "d_in": d_in, "d_out": d_out, "prior_scale": s0, "obs_noise": r, "process_noise": q,
+            "hidden": hidden}  # fmt: skip
+
+
 PROBLEMS: tuple[dict[str, Any], ...] = (
-    {"net": "linear", "d_in": 3, "d_out": 2, "prior_scale": 0.7, "obs_noise": 0.3, "process_noise": 0.0, "hidden": "diag"},
-    {"net": "linear", "d_in": 3, "d_out": 2, "prior_scale": 0.7, "obs_noise": 0.3, "process_noise": 0.0, "hidden": "full"},
-    {"net": "linear", "d_in": 3, "d_out": 2, "prior_scale": 0.5, "obs_noise": 0.2, "process_noise": 0.01,
-     "hidden": "diag"},
-    {"net": "linear", "d_in": 3, "d_out": 2, "prior_scale": 0.5, "obs_noise": 0.2, "process_noise": 0.01,
-     "hidden": "full"},
-    {"net": "transformer head", "d_in": 2, "d_out": 1, "prior_scale": 0.3, "obs_noise": 0.1, "process_noise": 0.0,
-     "hidden": "joint"},
-    {"net": "transformer head", "d_in": 2, "d_out": 1, "prior_scale": 0.3, "obs_noise": 0.1, "process_noise": 0.01,
-     "hidden": "joint"},
-)  # fmt: skip
+    _spec("linear", 3, 2, 0.7, 0.3, 0.0, "diag"),
+    _spec("linear", 3, 2, 0.7, 0.3, 0.0, "full"),
+    _spec("linear", 3, 2, 0.5, 0.2, 0.01, "diag"),
+    _spec("linear", 3, 2, 0.5, 0.2, 0.01, "full"),
+    _spec("transformer head", 2, 1, 0.3, 0.1, 0.0, "joint"),
+    _spec("transformer head", 2, 1, 0.3, 0.1, 0.01, "joint"),
+)
 """The problems: (network, sizes, prior std ``s0``, noise std ``r``, process noise ``q``, hidden mode)."""
 
 T_TOKENS = 5  # transformer problems: tokens per sequence
@@ -81,7 +83,7 @@ def _generator(*key: int) -> torch.Generator:
 
 
 def _problem(spec: dict[str, Any], seed: int, index: int):
-    """``(model, x, y, features)``: the Bayesian model, the stream, and the features ``Φ`` ``(N, p)`` (bias column last)."""
+    """``(model, x, y, Φ)``: the Bayesian model, the stream, and the features ``Φ`` ``(N, p)`` (bias column last)."""
     gen = _generator(seed, index)
     n = N_UPDATES
     if spec["net"] == "linear":
@@ -209,7 +211,7 @@ def _markdown(result: dict[str, Any], command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Models linear in their Bayesian weights, `KalmanGuide(covariance=\"block\")`, {cfg['n_updates']} updates "
+        f'Models linear in their Bayesian weights, `KalmanGuide(covariance="block")`, {cfg["n_updates"]} updates '
         f"one sample at a time, seed {cfg['seed']}, {cfg['dtype']}. Error = largest |guide − reference| of any "
         "mean / covariance entry over all steps. Reference without process noise: batch conjugate BLR on all "
         "samples so far; with process noise q: covariance-form Kalman filter (Joseph update). "
@@ -287,8 +289,14 @@ def linear_exact_section(
     ]
     result: dict[str, Any] = {
         "rows": rows,
-        "config": {"seed": seed, "quick": quick, "dtype": "float64", "n_updates": N_UPDATES, "tol": TOL,
-                   "covariance": "block"},  # fmt: skip
+        "config": {
+            "seed": seed,
+            "quick": quick,
+            "dtype": "float64",
+            "n_updates": N_UPDATES,
+            "tol": TOL,
+            "covariance": "block",
+        },  # fmt: skip
         "checks": _checks(rows),
     }
     _plot(rows, out_dir / "linear_exact.png")
