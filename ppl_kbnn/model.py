@@ -97,6 +97,21 @@ def _selector(bayesian: BayesianSpec, net: nn.Module, module_names: set[str]) ->
     return lambda mod, par: mod in names
 
 
+class _Prior:
+    """``N(loc, scale²)`` over a whole parameter, built afresh on every access.
+
+    A fresh (cloned) ``loc`` each time keeps the model's prior immutable: Pyro's ``init_to_mean``
+    hands the prior's own ``loc`` tensor to autoguides (``AutoNormal``), which would otherwise wrap it
+    in a parameter and move the prior in place during SVI.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        self.loc, self.scale = loc, scale
+
+    def __call__(self, module: nn.Module) -> dist.Distribution:
+        return dist.Normal(self.loc.clone(), self.scale).to_event(self.loc.dim())
+
+
 class BayesianModel(PyroModule):
     """The Pyro model ``model(x, y=None)`` of a pre-trained network with a Gaussian prior around it.
 
@@ -158,7 +173,7 @@ class BayesianModel(PyroModule):
             delattr(module, par)
             if select(mod_name, par):
                 scale = self._scale(prior_scale, mod_name, value)
-                module.__setattr__(par, PyroSample(dist.Normal(value, scale).to_event(value.dim())))
+                module.__setattr__(par, PyroSample(_Prior(value, scale)))
                 self.priors[f"net.{full}"] = (value, scale)
             else:
                 module.register_buffer(par, value)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["pretrained_mlp", "regression_stream", "shifted_sine", "sine"]
+__all__ = ["pretrained_mlp", "regression_stream", "shifted_sine", "sine", "teacher_student_transformer"]
 
 
 def sine(x: torch.Tensor) -> torch.Tensor:
@@ -61,3 +61,44 @@ def regression_stream(
     gen = torch.Generator().manual_seed(seed)
     x = 6 * torch.rand(n, 1, generator=gen, dtype=dtype) - 3
     return x, f(x) + noise * torch.randn(n, 1, generator=gen, dtype=dtype)
+
+
+def teacher_student_transformer(
+    n_train: int = 40,
+    n_test: int = 20,
+    *,
+    T: int = 6,
+    d_model: int = 8,
+    n_layer: int = 1,
+    n_head: int = 1,
+    shift: float = 0.05,
+    noise: float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+):
+    """A tiny sequence-regression problem: a "student" transformer (the pre-trained network whose
+    weights centre the prior) and a "teacher" (the student with every parameter shifted by
+    ``shift · N(0, 1)``) that generates the data.
+
+    Inputs ``x`` ``(n, T, 2)`` are standard normal; targets are the teacher's output at the last token
+    plus ``N(0, noise²)``, ``(n, 1)``.
+
+    Returns:
+        ``(student, teacher, x_train, y_train, x_test, y_test)``.
+    """
+    import copy
+
+    from .nn import Transformer, TransformerConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # module initialisation
+    cfg = TransformerConfig(d_in=2, d_out=1, d_model=d_model, n_layer=n_layer, n_head=n_head, max_len=T)
+    student = Transformer(cfg).to(dtype).requires_grad_(False)
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(shift * torch.randn(p.shape, generator=gen, dtype=dtype))
+    x = torch.randn(n_train + n_test, T, 2, generator=gen, dtype=dtype)
+    with torch.no_grad():
+        y = teacher(x)[:, -1] + noise * torch.randn(n_train + n_test, 1, generator=gen, dtype=dtype)
+    return student, teacher, x[:n_train], y[:n_train], x[n_train:], y[n_train:]
