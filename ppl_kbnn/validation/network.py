@@ -107,7 +107,7 @@ def network_moments_rows(
     observed outputs of every test input in Monte-Carlo std, the range of the closed-form/MC std ratio,
     the Monte-Carlo standard error of that ratio, and the closed-form time.
 
-    The belief after ``n`` updates comes from ``n`` Kalman updates (hidden mode ``"joint"``) on the
+    The belief after ``n`` updates comes from ``n`` Kalman updates (hidden mode ``"token"``) on the
     case's teacher stream; every mode is then evaluated on that same belief.
     """
     rows = []
@@ -116,7 +116,7 @@ def network_moments_rows(
         for scale in scales:
             for w_kind in w_kinds:
                 model = BayesianModel(net, prior_scale=scale, obs_noise=0.05)
-                guide = KalmanGuide(model, covariance=w_kind, hidden="joint")
+                guide = KalmanGuide(model, covariance=w_kind, hidden="token")
                 done = 0
                 for n in sorted(n_updates):
                     if n > done:
