@@ -40,12 +40,33 @@ def _ops(**kwargs: Any) -> dict[str, Any]:
     return ops_section(**kwargs)
 
 
-# name -> section(*, quick, seed, out_dir, progress, command) -> dict with a "checks" list;
-# each section writes <name>.json, <name>.md and its figures into out_dir. Later sections
-# (linear_exact, network_moments, posterior) are added here.
+def _linear_exact(**kwargs: Any) -> dict[str, Any]:
+    from .validation.linear_exact import linear_exact_section
+
+    return linear_exact_section(**kwargs)
+
+
+def _network_moments(**kwargs: Any) -> dict[str, Any]:
+    from .validation.network_section import network_section
+
+    return network_section(**kwargs)
+
+
+def _posterior(**kwargs: Any) -> dict[str, Any]:
+    from .validation.posterior import posterior_section
+
+    return posterior_section(**kwargs)
+
+
+# name -> section(*, quick, seed, out_dir, progress, command) -> dict with a "checks" list (and
+# optionally "findings": measured statements that are reported, not checked); each section writes
+# <name>.json, <name>.md and its figures into out_dir.
 SECTIONS: dict[str, Section] = {
     "softmax": _softmax,
     "ops": _ops,
+    "linear_exact": _linear_exact,
+    "network_moments": _network_moments,
+    "posterior": _posterior,
 }
 
 

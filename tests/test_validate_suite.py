@@ -1,0 +1,129 @@
+"""The validation sections ``linear_exact``, ``network_moments`` and ``posterior`` in their ``--quick`` versions,
+run once through :func:`ppl_kbnn.cli.validate`: structure of the JSON, thresholds of the checks, the files, and
+the failure path (a non-converged NUTS reference fails the run with the reason on stderr)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ppl_kbnn.cli import SECTIONS, main, validate
+from ppl_kbnn.propagate import MODES
+from ppl_kbnn.validation import linear_exact, network_section, posterior
+
+torch.set_num_threads(1)
+
+NEW = ("linear_exact", "network_moments", "posterior")
+METRICS = ("mean_err_max", "mean_err_mean", "std_ratio_min", "std_ratio_max", "log_std_ratio_max", "nll", "coverage90",
+           "wall_s")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("validate")
+    report = validate(out_dir=out, quick=True, seed=0, sections=NEW, progress=False, command="test")
+    return out, report
+
+
+def test_sections_registered_in_order():
+    assert list(SECTIONS)[-3:] == list(NEW)
+
+
+def test_report_passes_and_records_environment(run):
+    out, report = run
+    failed = [(n, c) for n, s in report["sections"].items() for c in s["checks"] if not c["passed"]]
+    assert report["passed"] is True, failed
+    assert json.loads((out / "report.json").read_text()) == report
+    assert set(report["sections"]) == set(NEW)
+    env = report["environment"]
+    for key in ("python", "torch", "numpy", "pyro", "platform", "cpu_count", "torch_threads", "dtype"):
+        assert key in env
+    assert env["dtype"] == "float64" and report["seed"] == 0 and report["quick"] is True
+    md = (out / "report.md").read_text()
+    for title in ("## Linear-exact", "## Network moments", "## Posterior", "Findings"):
+        assert title in md
+    for name in NEW:
+        section = report["sections"][name]
+        assert json.loads((out / f"{name}.json").read_text()) == section
+        assert (out / f"{name}.md").read_text().startswith("## ")
+        png = (out / section["figure"]).read_bytes()
+        assert len(png) > 10_000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert section["config"]["seed"] == 0 and section["config"]["elapsed_s"] > 0
+        for c in section["checks"]:
+            assert set(c) >= {"name", "passed", "detail"} and c["detail"]
+
+
+def test_linear_exact_matches_to_1e10(run):
+    sec = run[1]["sections"]["linear_exact"]
+    rows = sec["rows"]
+    assert len(rows) == len(linear_exact.PROBLEMS)
+    assert {r["reference"] for r in rows} == {"conjugate BLR", "Kalman filter"}
+    assert {r["net"] for r in rows} == {"linear", "transformer head"}
+    for r in rows:
+        assert r["n_updates"] == 100 and len(r["trace"]["mean_err"]) == len(r["trace"]["cov_err"]) == 100
+        assert 0 <= r["max_err"] <= 1e-10, r["label"]
+        assert r["max_err"] == max(r["mean_err"], r["cov_err"])
+        assert r["final_cov_shrink"] > 0  # the reference moved: not a vacuous comparison
+    assert {c["name"] for c in sec["checks"]} == {"conjugate_blr", "kalman_filter"}
+
+
+def test_network_moments_rows_and_joint_thresholds(run):
+    sec = run[1]["sections"]["network_moments"]
+    cfg = network_section.QUICK
+    n = len(cfg["cases"]) * len(cfg["scales"]) * len(cfg["n_updates"]) * len(cfg["w_kinds"]) * len(MODES)
+    assert len(sec["rows"]) == n
+    assert len(sec["summary"]) == n // len(cfg["cases"])
+    assert {r["mode"] for r in sec["rows"]} == set(MODES)
+    assert {r["prior_scale"] for r in sec["rows"]} == {0.01, 0.05, 0.1}
+    assert {r["updates"] for r in sec["rows"]} == {0, 50}
+    for r in sec["rows"]:
+        assert math.isfinite(r["mean_err"]) and 0 < r["std_ratio_min"] <= r["std_ratio_max"]
+        if r["mode"] == "joint" and r["prior_scale"] <= 0.05:
+            assert r["mean_err"] <= 0.2 and 0.8 <= r["std_ratio_min"] and r["std_ratio_max"] <= 1.25, r
+    assert {c["name"] for c in sec["checks"]} == {"joint_mean_err", "joint_std_ratio"}
+
+
+def test_posterior_methods_metrics_and_nuts_convergence(run):
+    sec = run[1]["sections"]["posterior"]
+    assert [p["problem"] for p in sec["problems"]] == ["mlp"]  # --quick: the MLP only
+    p = sec["problems"][0]
+    assert p["n_params"] == 49 and p["n_train"] == 50
+    nuts = p["nuts"]
+    assert nuts["max_rhat"] <= 1.01 and nuts["min_ess_bulk"] >= 100
+    assert nuts["num_chains"] == 2 and len(nuts["chain_seconds"]) == 2
+    by = {m["method"]: m for m in p["methods"]}
+    assert tuple(by) == posterior.METHODS
+    for m in by.values():
+        for key in METRICS:
+            assert math.isfinite(m[key]), (m["method"], key)
+        assert 0 <= m["coverage90"] <= 1 and m["std_ratio_min"] > 0 and m["memory_bytes"] > 0
+        assert len(m["per_input"]["mean_err"]) == p["n_test"]
+    assert by["nuts"]["mean_err_max"] == 0 and by["nuts"]["std_ratio_min"] == by["nuts"]["std_ratio_max"] == 1
+    assert p["speedup_kbt_block"] == pytest.approx(nuts["wall_s"] / by["kbt-block"]["wall_s"])
+    assert 0 < nuts["nuts_mean_mcse_max"] < 0.5
+    # the findings are stated with their numbers, whichever way they come out
+    findings = {f["name"]: f for f in sec["findings"]}
+    assert {"kbt_block_vs_svi_normal_mlp", "kbt_block_100x_faster_mlp", "transformer_not_run"} <= set(findings)
+    assert isinstance(findings["kbt_block_vs_svi_normal_mlp"]["holds"], bool)
+    assert f"{by['kbt-block']['mean_err_max']:.3f}" in findings["kbt_block_vs_svi_normal_mlp"]["detail"]
+    assert (run[0] / sec["figure_mlp"]).stat().st_size > 10_000
+
+
+def test_unconverged_nuts_fails_the_run_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(posterior.QUICK, "nuts", {"mlp": {"warmup": 10, "draws": 10}})
+    monkeypatch.setitem(posterior.QUICK, "svi_steps", {"mlp": 10})
+    monkeypatch.setitem(posterior.QUICK, "n_test", 10)
+    assert main(["validate", "--quick", "--sections", "posterior", "--no-progress", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED posterior/nuts_converged_mlp" in err and "R-hat" in err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] is False
+    assert "not converged" in (tmp_path / "report.md").read_text()
+
+
+def test_progress_is_shown(tmp_path, capsys):
+    linear_exact.linear_exact_section(quick=True, seed=0, out_dir=tmp_path, progress=True, command="test")
+    assert "linear exact" in capsys.readouterr().err
