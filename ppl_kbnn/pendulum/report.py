@@ -58,6 +58,11 @@ def _style(name: str, i: int) -> dict[str, Any]:
     return {"color": ("C0", "C2", "C4", "C9", "C6", "C8")[i % 6], "ls": "--", "marker": "^"}
 
 
+def _legend(ax: Any, **kwargs: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # figures
 
@@ -100,7 +105,7 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
         ax.set(xlabel="streamed shifted-task samples n", ylabel="success rate (Wilson 95 % band)", ylim=(-0.03, 1.03),
                title=f"adaptation to {task}")  # fmt: skip
         ax.set_xscale("symlog", linthresh=25)
-        ax.legend(fontsize=8, loc="upper left")
+        _legend(ax, fontsize=8, loc="upper left")
         fig.tight_layout()
         fig.savefig(out / FIGURES["success_vs_samples"], dpi=110)
         plt.close(fig)
@@ -127,7 +132,7 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
             ax.text(mem[key], 1.04, txt, fontsize=7, ha="center", va="bottom", color="0.4")
         ax.set(xscale="log", xlabel=f"state beyond the pre-trained weights after n={n_last} (bytes)",
                ylabel="success rate (Wilson 95 %)", ylim=(-0.03, 1.1), title="success vs memory")  # fmt: skip
-        ax.legend(fontsize=8, loc="center left")
+        _legend(ax, fontsize=8, loc="center left")
         fig.tight_layout()
         fig.savefig(out / FIGURES["success_vs_memory"], dpi=110)
         plt.close(fig)
@@ -149,7 +154,7 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
             ax2.plot(mids, per, label=label(name), color=st["color"], marker=st["marker"], ls=st["ls"])
         ax2.set(xscale="log", yscale="log", xlabel="n (end of the interval)",
                 ylabel="ms per sample within the interval", title="update time as the stream grows")  # fmt: skip
-        ax2.legend(fontsize=7)
+        _legend(ax2, fontsize=7)
         fig.tight_layout()
         fig.savefig(out / FIGURES["time_per_sample"], dpi=110)
         plt.close(fig)
@@ -171,7 +176,7 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
         ax.set(xlabel="injected label-noise std σ (normalised action units)",
                ylabel="std / RMSE on held-out labels (normalised)",
                title=f"KBT-{unc['covariance']} after {unc['n_updates']} noisy samples")  # fmt: skip
-        ax.legend(fontsize=8)
+        _legend(ax, fontsize=8)
         fig.tight_layout()
         fig.savefig(out / FIGURES["uncertainty"], dpi=110)
         plt.close(fig)
@@ -247,7 +252,9 @@ def write_markdown(results: dict[str, Any]) -> str:
         f"Memory sizes: KBT-diag belief {_bytes(mem['kbt_diag_belief_bytes'])} ({mem['kbt_diag_belief_bytes']} B), "
         f"KBT-block {_bytes(mem['kbt_block_belief_bytes'])} ({mem['kbt_block_belief_bytes']} B); one buffered "
         f"sample {mem['bytes_per_buffered_sample']} B; {mem['rule']}: "
-        + ", ".join(f"M = {M} ({why})" for M, why in mem["M"].items())
+        + "; ".join(
+            f"M = {M} ({', '.join(v['targets'])}){'' if v['run'] else ': ' + v['note']}" for M, v in mem["M"].items()
+        )  # fmt: skip
         + f". Note: {mem['note']}.",
         "",
         "### Success rate after n streamed samples (successes/episodes [Wilson 95 %])",

@@ -61,7 +61,7 @@ class StudySettings:
         checkpoints: numbers of streamed samples after which every method is evaluated (increasing, from 0).
         n_eval: evaluation episodes per checkpoint (fixed seeds, shared by all methods).
         n_heldout_episodes, n_heldout: held-out shifted-task episodes and the number of contexts drawn from them
-            (held-out RMSE and the uncertainty study).
+            for the held-out RMSE; the first ``n_heldout_uncertainty`` of those for the uncertainty study.
     KBT:
         prior_scale, obs_noise, hidden: ``BayesianModel(prior_scale, obs_noise, bayesian="all")`` and
             ``KalmanGuide(hidden=...)``.
@@ -99,6 +99,7 @@ class StudySettings:
     n_eval: int = 20
     n_heldout_episodes: int = 2
     n_heldout: int = 1000
+    n_heldout_uncertainty: int = 500
     prior_scale: float = 0.05
     obs_noise: float = 0.1
     hidden: str = "token"
@@ -130,7 +131,7 @@ class StudySettings:
 
         for name in ("n_nominal_episodes", "episode_steps", "d_model", "n_layer", "n_head", "context",
                      "pretrain_steps", "pretrain_batch", "n_stream_episodes", "n_eval", "n_heldout_episodes",
-                     "n_heldout", "retrain_epochs", "n_uncertainty", "threads"):  # fmt: skip
+                     "n_heldout", "n_heldout_uncertainty", "retrain_epochs", "n_uncertainty", "threads"):  # fmt: skip
             v = getattr(self, name)
             need(is_int(v) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         need(
@@ -199,6 +200,7 @@ QUICK = StudySettings(
     n_eval=5,
     n_heldout_episodes=1,
     n_heldout=300,
+    n_heldout_uncertainty=200,
     n_uncertainty=50,
 )
 
@@ -239,6 +241,13 @@ def _rmse(net: nn.Module, x: Mapping[str, torch.Tensor], y: torch.Tensor) -> flo
     pred = net(**x)[:, -1]  # (N, act_dim)
     net.train(was)
     return float(((pred - y) ** 2).mean().sqrt())
+
+
+def _predict(guide: KalmanGuide, x: Mapping[str, torch.Tensor], chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``guide.predict`` in chunks of ``chunk`` samples (its cost grows faster than linearly with the batch size)."""
+    n = next(iter(x.values())).shape[0]
+    parts = [guide.predict(_take(x, slice(i, i + chunk))) for i in range(0, n, chunk)]
+    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -525,6 +534,7 @@ def _run(out: Path, quick: bool, seed: int, progress: bool, command: str, s: Stu
     ref_bytes = {"diag": g_diag.belief_bytes, "block": g_block.belief_bytes}
     one = _take(x_stream, slice(0, 1))
     sample_bytes = tensor_bytes([one, y_stream[:1]])  # one buffered sample as the Retrainer holds it
+    n_last = s.checkpoints[-1]
     Ms: dict[int, list[str]] = {}
     for ref, factor in s.memory_targets:
         M = max(1, int(factor * ref_bytes[ref] // sample_bytes))
@@ -534,7 +544,17 @@ def _run(out: Path, quick: bool, seed: int, progress: bool, command: str, s: Stu
         "kbt_block_belief_bytes": ref_bytes["block"],
         "bytes_per_buffered_sample": sample_bytes,
         "rule": "M = max(1, floor(factor * KBT belief bytes / bytes per buffered sample))",
-        "M": {str(M): why for M, why in sorted(Ms.items())},
+        "M": {
+            str(M): {
+                "targets": why,
+                "run": M < n_last,
+                "note": ""
+                if M < n_last
+                else f"M >= the stream length {n_last}: the buffer never drops a sample, so "
+                "this retraining is identical to retraining on all data (run once, as retrain_all)",
+            }
+            for M, why in sorted(Ms.items())
+        },
         "note": "retraining state = FIFO buffer + AdamW moments (2 x parameters); the AdamW part alone is about "
         "the size of the KBT-diag belief (mean + variance per parameter)",
     }
@@ -548,7 +568,9 @@ def _run(out: Path, quick: bool, seed: int, progress: bool, command: str, s: Stu
             name="retrain_all" if M is None else f"retrain_M{M}", kind="retrain",
             settings={"memory": M, "epochs": s.retrain_epochs, "lr": s.retrain_lr, "batch_size": s.retrain_batch,
                       "optimizer": "AdamW (one optimiser for the whole stream, weight decay 0)",
-                      "memory_reason": "all samples" if M is None else ", ".join(Ms[M])},
+                      "memory_reason": ", ".join(Ms[M]) if M is not None else ", ".join(
+                          ["all samples", *[f"M = {k} ({', '.join(v)})" for k, v in sorted(Ms.items()) if k >= n_last]]
+                      )},
             update=lambda x, y: r.update(x, y),
             network=lambda: r.point.net,
             state_bytes=lambda: r.memory_bytes,
@@ -557,11 +579,10 @@ def _run(out: Path, quick: bool, seed: int, progress: bool, command: str, s: Stu
 
     none = _Method("none", "none", {}, update=lambda x, y: None, network=lambda: net, state_bytes=lambda: 0,
                    seconds=lambda: 0.0)  # fmt: skip
-    methods = [none, kbt_block, kbt_diag, *[retrainer(M) for M in sorted(Ms)], retrainer(None)]
+    methods = [none, kbt_block, kbt_diag, *[retrainer(M) for M in sorted(Ms) if M < n_last], retrainer(None)]
 
     t_eval = 0.0
     t0 = time.perf_counter()
-    n_last = s.checkpoints[-1]
     for m in methods:
         bar = P.bar(n_last, m.name)
         done = 0
@@ -630,6 +651,7 @@ def _uncertainty(
     gen = torch.Generator().manual_seed(seed + 7)
     n = s.n_uncertainty
     eps_stream = torch.randn(n, 1, generator=gen, dtype=DTYPE)  # one draw, scaled by every σ (common numbers)
+    x_held, y_held = _take(x_held, slice(0, s.n_heldout_uncertainty)), y_held[: s.n_heldout_uncertainty]
     eps_held = torch.randn(y_held.shape, generator=gen, dtype=DTYPE)
     xs, ys = _take(x_stream, slice(0, n)), y_stream[:n]
     rows = []
@@ -643,7 +665,7 @@ def _uncertainty(
             for i in range(n):
                 guide.update(_take(xs, slice(i, i + 1)), y_noisy[i : i + 1])
                 bar.update(1)
-            mean, var = guide.predict(x_held)  # (N, 1) each; var includes r²
+            mean, var = _predict(guide, x_held)  # (N, 1) each; var includes r²
             std = var.sqrt()
             err = mean - y_held_noisy
             epi = (var - r**2).clamp_min(0.0)

@@ -1,0 +1,295 @@
+"""The pendulum study (ppl_kbnn.pendulum): lockstep evaluation, posterior-mean network, run_study outputs.
+
+``run_study`` runs here with tiny test-only settings (200-step episodes, 10 streamed samples, a
+200-step pre-training); ``--quick`` itself is timed in docs/pendulum.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ppl_kbnn as pk
+from ppl_kbnn.envs import DTPolicy, Normalizer, collect_episodes, make_contexts, make_env, rollout, wilson_interval
+from ppl_kbnn.nn.transformer import DecisionTransformer, DTConfig
+from ppl_kbnn.pendulum import QUICK, StudySettings, evaluate_dt, posterior_mean_net, run_study
+from ppl_kbnn.pendulum.report import FIGURES
+
+STEPS = 200
+TINY = {
+    "n_nominal_episodes": 3,
+    "episode_steps": STEPS,
+    "pretrain_steps": 200,
+    "pretrain_batch": 64,
+    "n_stream_episodes": 1,
+    "checkpoints": (0, 5, 10),
+    "n_eval": 3,
+    "n_heldout_episodes": 1,
+    "n_heldout": 50,
+    "n_heldout_uncertainty": 16,
+    "n_uncertainty": 5,
+    "noise_levels": (0.0, 0.2),
+}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """Two tiny studies with seeds 0 and 1: ``{seed: (out_dir, returned results)}``."""
+    torch.set_num_threads(1)
+    out = {}
+    for seed in (0, 1):
+        d = tmp_path_factory.mktemp(f"pendulum{seed}")
+        out[seed] = (d, run_study(out_dir=d, quick=True, seed=seed, progress=False, command="test", settings=TINY))
+    return out
+
+
+def small_dt(seed: int = 0) -> DecisionTransformer:
+    torch.manual_seed(seed)
+    return DecisionTransformer(DTConfig(4, 1, d_model=8, n_layer=1, n_head=1, context=4)).double().eval()
+
+
+def numbers(obj: object, path: str = "") -> list[tuple[str, object]]:
+    """Every number (or None) leaf of a JSON value, with its path."""
+    if isinstance(obj, dict):
+        return [leaf for k, v in obj.items() for leaf in numbers(v, f"{path}.{k}")]
+    if isinstance(obj, list):
+        return [leaf for i, v in enumerate(obj) for leaf in numbers(v, f"{path}[{i}]")]
+    if obj is None or (isinstance(obj, int | float) and not isinstance(obj, bool)):
+        return [(path, obj)]
+    return []
+
+
+def check_rate(r: dict, steps: int) -> None:
+    """A success record agrees with its own episode lengths and its Wilson interval."""
+    assert r["n"] == len(r["lengths"]) >= 1
+    assert list(r["interval"]) == pytest.approx(wilson_interval(r["successes"], r["n"]), abs=1e-12)
+    assert r["mean_length"] == pytest.approx(np.mean(r["lengths"]))
+    assert all(1 <= L <= steps for L in r["lengths"])
+    assert r["successes"] <= sum(L == steps for L in r["lengths"])  # a success survives every step
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def test_evaluate_dt_matches_single_episode_rollouts():
+    net = small_dt()
+    norm = Normalizer((0.0,) * 4, (0.05, 0.05, 0.2, 0.4), 1000.0)
+    for task in ("nominal", "sensor_bias_0.1"):
+        res = evaluate_dt(net, norm, task, [3, 4, 5], max_steps=60)
+        env = make_env(task)
+        policy = DTPolicy(net, norm, 1000.0)
+        expected = [rollout(env, policy, seed=s, max_steps=60) for s in (3, 4, 5)]
+        env.close()
+        assert res["lengths"] == [e["length"] for e in expected]
+        assert res["success"] == [e["success"] for e in expected]
+        check_rate(res, 60)
+
+
+def test_evaluate_dt_bad_arguments():
+    net = small_dt()
+    norm = Normalizer((0.0,) * 4, (1.0,) * 4, 1000.0)
+    with pytest.raises(ValueError, match="at least one"):
+        evaluate_dt(net, norm, "nominal", [])
+    with pytest.raises(ValueError, match="max_steps"):
+        evaluate_dt(net, norm, "nominal", [0], max_steps=0)
+    with pytest.raises(ValueError, match="unknown shift"):
+        evaluate_dt(net, norm, "no_such_shift", [0])
+
+
+def test_posterior_mean_net():
+    net = small_dt()
+    norm = Normalizer((0.0,) * 4, (0.05, 0.05, 0.2, 0.4), 1000.0)
+    eps = collect_episodes("sensor_bias_0.1", 1, seed=0, max_steps=30, action_noise=0.5)
+    ctx = make_contexts(eps, 4, norm, target="policy_actions", dtype=torch.float64)
+    y = ctx.pop("target")
+    guide = pk.KalmanGuide(pk.BayesianModel(net, prior_scale=0.05, obs_noise=0.1), covariance="diag", hidden="token")
+    with torch.no_grad():
+        before = net(**ctx)[:, -1]
+        assert torch.equal(posterior_mean_net(guide, net)(**ctx)[:, -1], before)  # prior mean = pre-trained
+        guide.update({k: v[:5] for k, v in ctx.items()}, y[:5])
+        moved = posterior_mean_net(guide, net)
+        assert torch.equal(net(**ctx)[:, -1], before)  # the original is not modified
+    for name, (mean, _) in guide.beliefs().items():
+        mod = moved.get_submodule(name)
+        assert torch.equal(mod.weight, mean[:, : mod.in_features])
+        assert torch.equal(mod.bias, mean[:, mod.in_features])
+    assert not torch.equal(moved.predict_action.weight, net.predict_action.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# run_study
+
+
+def test_study_writes_every_output(studies):
+    d, res = studies[0]
+    for name in ("results.json", "results.md", "pretrained.json", "pretrained.pt"):
+        assert (d / name).stat().st_size > 0
+    for png in FIGURES.values():
+        assert (d / png).read_bytes()[:8] == PNG and (d / png).stat().st_size > 5000
+    data = json.loads((d / "results.json").read_text())
+    assert data == json.loads(json.dumps(res))  # the returned dict is what was written
+    assert set(data["figures"]) == set(FIGURES)
+    assert data["stopped"] is None and data["seed"] == 0 and data["quick"] is True and data["command"] == "test"
+    assert data["settings"]["checkpoints"] == [0, 5, 10]
+    for key in ("torch", "pyro", "numpy", "gymnasium", "mujoco", "python"):
+        assert data["environment"][key]
+    saved = json.loads((d / "pretrained.json").read_text())
+    assert len(saved["loss_curve"]) == TINY["pretrain_steps"]
+    assert saved["config"] == data["pretrained"]["config"] and saved["normalizer"] == data["pretrained"]["normalizer"]
+    sd = torch.load(d / "pretrained.pt")
+    net = DecisionTransformer(DTConfig(**sd["config"])).double()
+    net.load_state_dict(sd["state_dict"])
+
+    md = (d / "results.md").read_text()
+    for heading in ("## Shift", "### Success rate", "### Memory and time", "## Predicted uncertainty", "## Figures"):
+        assert heading in md
+    for label in ("no adaptation", "KBT block", "KBT diag", "retrain, all data"):
+        assert f"| {label} |" in md
+
+
+def test_study_numbers_are_consistent(studies):
+    _, res = studies[0]
+    for path, value in numbers(res):
+        assert value is None or math.isfinite(value), path
+    t = res["timings"]
+    assert all(v > 0 for v in t.values()) and t["total_s"] >= t["pretrain_s"] + t["stream_and_eval_s"]
+
+    check_rate(res["pretrained"]["nominal_success"], STEPS)
+    for c in res["shift"]["checked"]:
+        check_rate(c["pretrained"], STEPS)
+        assert c["expert"]["interval"] == pytest.approx(wilson_interval(c["expert"]["successes"], c["expert"]["n"]))
+    assert res["shift"]["chosen"] == res["shift"]["checked"][-1]["shift"] == "sensor_bias_0.1"
+    assert res["shift"]["checked"][-1]["qualifies"]
+
+    mem, methods = res["memory"], res["methods"]
+    M_run = sorted(int(M) for M, v in mem["M"].items() if v["run"])
+    assert set(methods) == {"none", "kbt_block", "kbt_diag", "retrain_all", *(f"retrain_M{M}" for M in M_run)}
+    assert all(int(M) >= 10 for M, v in mem["M"].items() if not v["run"])  # only M >= stream length collapse
+    # M rule: floor(factor * KBT bytes / bytes per sample)
+    ref = {"diag": mem["kbt_diag_belief_bytes"], "block": mem["kbt_block_belief_bytes"]}
+    expected_M = {max(1, int(f * ref[r] // mem["bytes_per_buffered_sample"])) for r, f in QUICK.memory_targets}
+    assert {int(M) for M in mem["M"]} == expected_M
+    assert 0 < mem["kbt_diag_belief_bytes"] < mem["kbt_block_belief_bytes"]
+
+    n0 = {name: m["checkpoints"][0] for name, m in methods.items()}
+    for name, m in methods.items():
+        cps = m["checkpoints"]
+        assert [c["n_samples"] for c in cps] == [0, 5, 10] and m["error"] is None
+        for c in cps:
+            check_rate(c, STEPS)
+            assert c["n"] == TINY["n_eval"] and c["heldout_rmse"] > 0
+        # n = 0 is the pre-trained network for every method: same episodes, same error
+        assert n0[name]["lengths"] == n0["none"]["lengths"] and n0[name]["heldout_rmse"] == n0["none"]["heldout_rmse"]
+        if m["kind"] == "none":
+            assert m["seconds_per_sample"] is None and all(c["state_bytes"] == 0 for c in cps)
+            assert len({c["heldout_rmse"] for c in cps}) == 1
+        else:
+            assert m["seconds_per_sample"] > 0
+            assert [c["update_seconds"] for c in cps][0] == 0 < cps[1]["update_seconds"] < cps[2]["update_seconds"]
+            assert cps[-1]["heldout_rmse"] != cps[0]["heldout_rmse"]  # it adapted
+    for cov in ("block", "diag"):
+        assert all(c["state_bytes"] == ref[cov] for c in methods[f"kbt_{cov}"]["checkpoints"])
+    # retraining: buffer grows by one sample's bytes per arrival, AdamW state is constant after the first step
+    s_bytes = mem["bytes_per_buffered_sample"]
+    for m in methods.values():
+        if m["kind"] == "retrain":
+            M = m["settings"]["memory"] or 10**9
+            (_, b5, b10) = (c["state_bytes"] for c in m["checkpoints"])
+            assert b10 - b5 == (min(10, M) - min(5, M)) * s_bytes
+            assert b5 > 2 * 8 * methods["kbt_diag"]["settings"]["n_bayesian_parameters"]  # AdamW moments
+
+    unc = res["uncertainty"]
+    rows = {(r["sigma"], r["obs_noise_policy"]): r for r in unc["rows"]}
+    assert set(rows) == {(s, p) for s in TINY["noise_levels"] for p in ("matched", "fixed")}
+    for (sigma, policy), r in rows.items():
+        expected = math.sqrt(0.1**2 + sigma**2) if policy == "matched" else 0.1
+        assert r["obs_noise"] == pytest.approx(expected)
+        assert r["mean_pred_std"] >= r["obs_noise"] and r["rms_pred_std"] >= r["mean_pred_std"] - 1e-12
+        assert 0 <= r["coverage_90"] <= 1 and r["rmse_noisy_labels"] > 0 and r["seconds_per_sample"] > 0
+        assert r["n_updates"] == TINY["n_uncertainty"]
+    for key in ("mean_pred_std", "rmse_noisy_labels", "rmse_clean_labels", "coverage_90"):
+        assert rows[(0.0, "matched")][key] == rows[(0.0, "fixed")][key]  # sigma = 0: the same model
+    assert rows[(0.2, "matched")]["mean_pred_std"] > rows[(0.2, "fixed")]["mean_pred_std"]
+
+
+def test_seeds_change_what_they_should(studies):
+    (_, a), (_, b) = studies[0], studies[1]
+    assert a["settings"] == b["settings"] and a["seeds"] != b["seeds"]
+    assert a["pretrained"]["final_loss"] != b["pretrained"]["final_loss"]
+    assert a["pretrained"]["normalizer"] != b["pretrained"]["normalizer"]  # different nominal data
+    assert a["stream"]["pretrained_heldout_rmse"] != b["stream"]["pretrained_heldout_rmse"]
+    for name in ("kbt_block", "kbt_diag", "retrain_all"):
+        assert (
+            a["methods"][name]["checkpoints"][-1]["heldout_rmse"]
+            != b["methods"][name]["checkpoints"][-1]["heldout_rmse"]
+        )
+    ua, ub = a["uncertainty"]["rows"], b["uncertainty"]["rows"]
+    assert [r["rmse_noisy_labels"] for r in ua] != [r["rmse_noisy_labels"] for r in ub]
+    # what does not depend on the seed
+    assert a["memory"] == b["memory"]
+
+
+def test_study_stops_when_no_shift_qualifies(tmp_path):
+    # 1-step episodes: every policy "succeeds", so the pre-trained DT is never below 30 % and no shift qualifies
+    settings = {**TINY, "episode_steps": 1, "pretrain_steps": 5, "n_nominal_episodes": 1,
+                "candidates": ("sensor_bias_0.1",)}  # fmt: skip
+    res = run_study(out_dir=tmp_path, quick=True, seed=0, progress=False, settings=settings)
+    assert "no candidate shift qualifies" in res["stopped"]
+    assert [c["shift"] for c in res["shift"]["checked"]] == ["sensor_bias_0.1"] and res["shift"]["chosen"] is None
+    assert not res["shift"]["checked"][0]["qualifies"]
+    assert "methods" not in res and "uncertainty" not in res
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["stopped"] == res["stopped"]
+    assert "**Stopped:**" in (tmp_path / "results.md").read_text()
+    assert set(data["figures"]) == {"pretrain_loss"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"out_dir": 3}, "out_dir"),
+        ({"quick": "yes"}, "quick"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"progress": None}, "progress"),
+        ({"settings": {"no_such_setting": 1}}, "unknown setting"),
+        ({"settings": [1, 2]}, "dict of overrides"),
+        ({"settings": {"checkpoints": (5, 10)}}, "start at 0"),
+        ({"settings": {"checkpoints": (0, 10, 5)}}, "increase"),
+        ({"settings": {"candidates": ("no_such_shift",)}}, "unknown shift"),
+        ({"settings": {"candidates": ()}}, "at least one"),
+        ({"settings": {"n_eval": 0}}, "n_eval"),
+        ({"settings": {"episode_steps": 2000}}, "episode_steps"),
+        ({"settings": {"obs_noise": 0.0}}, "obs_noise"),
+        ({"settings": {"hidden": "full"}}, "hidden"),
+        ({"settings": {"memory_targets": (("lowrank", 1.0),)}}, "reference"),
+        ({"settings": {"noise_levels": (-0.1,)}}, "noise_levels"),
+        ({"settings": {"obs_noise_policies": ("estimated",)}}, "obs_noise_policies"),
+        ({"settings": {"d_model": 10, "n_head": 3}}, "divisible"),
+    ],
+)
+def test_bad_arguments_raise(tmp_path, kwargs, match):
+    args = {"out_dir": tmp_path, "quick": True, "seed": 0, "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        run_study(**args)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_stream_longer_than_the_pool_raises(tmp_path):
+    settings = {**TINY, "pretrain_steps": 5, "episode_steps": 100, "checkpoints": (0, 200)}
+    with pytest.raises(ValueError, match="stream pool has 100 samples"):
+        run_study(out_dir=tmp_path, quick=True, seed=0, progress=False, settings=settings)
+
+
+def test_settings_object_and_defaults():
+    assert StudySettings().checkpoints == (0, 25, 50, 100, 200, 400) and StudySettings().n_eval == 20
+    assert QUICK.checkpoints == (0, 25, 100) and QUICK.n_eval == 5
+    assert StudySettings().candidates[0] == "sensor_bias_0.1"
+    s = QUICK.with_overrides({"n_eval": 7})
+    assert s.n_eval == 7 and s.checkpoints == QUICK.checkpoints
