@@ -91,20 +91,31 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
     methods = results.get("methods")
     if methods:
         task = results["stream"]["task"]
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        checkpoints = results["stream"]["checkpoints"]
+        pos = {n: j for j, n in enumerate(checkpoints)}  # evenly spaced checkpoints (they grow geometrically)
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        k = len(methods)
         for i, (name, m) in enumerate(methods.items()):
             cps = m["checkpoints"]
             if not cps:
                 continue
-            n = [c["n_samples"] for c in cps]
+            x = [pos[c["n_samples"]] + 0.12 * (i - (k - 1) / 2) / max(1, k - 1) for c in cps]  # small dodge
             p = [c["successes"] / c["n"] for c in cps]
             st = _style(name, i)
-            ax.plot(n, p, label=label(name), **st)
-            ax.fill_between(n, [c["interval"][0] for c in cps], [c["interval"][1] for c in cps],
-                            color=st["color"], alpha=0.08)  # fmt: skip
-        ax.set(xlabel="streamed shifted-task samples n", ylabel="success rate (Wilson 95 % band)", ylim=(-0.03, 1.03),
+            ax.plot(x, p, label=label(name), **st)
+            ax.fill_between(x, [c["interval"][0] for c in cps], [c["interval"][1] for c in cps],
+                            color=st["color"], alpha=0.05)  # fmt: skip
+            ax2.plot(x, [c["mean_length"] for c in cps], label=label(name), **st)
+        for a in (ax, ax2):
+            a.set_xticks(range(len(checkpoints)), [str(n) for n in checkpoints])
+            a.set_xlabel("streamed shifted-task samples n")
+        n_eval = results["settings"]["n_eval"]
+        ax.set(ylabel=f"success rate over {n_eval} episodes (Wilson 95 % band)", ylim=(-0.03, 1.03),
                title=f"adaptation to {task}")  # fmt: skip
-        ax.set_xscale("symlog", linthresh=25)
+        steps = results["settings"]["episode_steps"]
+        ax2.set(ylabel="mean episode length (steps)", yscale="log", ylim=(None, steps * 1.3),
+                title=f"episode length (success = {steps} steps)")  # fmt: skip
+        ax2.axhline(steps, color="0.7", lw=0.8)
         _legend(ax, fontsize=8, loc="upper left")
         fig.tight_layout()
         fig.savefig(out / FIGURES["success_vs_samples"], dpi=110)
@@ -141,19 +152,22 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         names = [k for k, m in methods.items() if m["kind"] != "none" and m["seconds_per_sample"]]
         ms = [1e3 * methods[k]["seconds_per_sample"] for k in names]
-        ax1.bar(range(len(names)), ms, color=[_style(k, i)["color"] for i, k in enumerate(names)])
+        order = {k: i for i, k in enumerate(methods)}  # the same colour for a method in every figure
+        ax1.bar(range(len(names)), ms, color=[_style(k, order[k])["color"] for k in names])
         ax1.set_xticks(range(len(names)), [label(k) for k in names], rotation=35, ha="right", fontsize=8)
-        ax1.set(yscale="log", ylabel="ms per streamed sample (mean)", title=f"update time, n = 1..{n_last}")
-        for i, name in enumerate(names):
+        ax1.set(ylabel="ms per streamed sample (mean)", title=f"update time, n = 1..{n_last}")
+        for name in names:
             cps = methods[name]["checkpoints"]
             mids, per = [], []
             for a, b in zip(cps, cps[1:], strict=False):
                 mids.append(b["n_samples"])
                 per.append(1e3 * (b["update_seconds"] - a["update_seconds"]) / (b["n_samples"] - a["n_samples"]))
-            st = _style(name, i)
+            st = _style(name, order[name])
             ax2.plot(mids, per, label=label(name), color=st["color"], marker=st["marker"], ls=st["ls"])
-        ax2.set(xscale="log", yscale="log", xlabel="n (end of the interval)",
-                ylabel="ms per sample within the interval", title="update time as the stream grows")  # fmt: skip
+        ax2.set(xscale="log", xlabel="n (end of the interval)", ylabel="ms per sample within the interval",
+                title="update time as the stream grows")  # fmt: skip
+        ax2.set_xticks(checkpoints[1:], [str(n) for n in checkpoints[1:]])
+        ax2.minorticks_off()
         _legend(ax2, fontsize=7)
         fig.tight_layout()
         fig.savefig(out / FIGURES["time_per_sample"], dpi=110)
