@@ -456,8 +456,9 @@ class KalmanGuide(PyroModule):
             var = self.guards.floor(var)
         S = S - torch.diag(torch.diagonal(S)) + torch.diag(var + self.obs_noise**2)  # + R
         resid = y.reshape(-1) - mu
-        new = {node.index: weight_update(*self._belief(node), jacs[node.module], S, resid, self.covariance)
-               for node in self._linears}  # fmt: skip
+        S_inv = torch.linalg.inv(S)  # once for every layer
+        new = {node.index: weight_update(*self._belief(node), jacs[node.module], S, resid, self.covariance,
+                                         S_inv=S_inv) for node in self._linears}  # fmt: skip
         for index, (mean, cov) in new.items():
             self._commit(index, mean, cov)
 

@@ -35,6 +35,12 @@ differentiating the propagated output *mean* with respect to the weight means gi
 ``∂E[f(u)]/∂m_u`` at fixed covariance — by Stein's lemma ``E[∇f(u)] = Cov(f(u), u) Σ_u⁻¹``, the
 statistical-linearisation (RTS) gain of that node. Reverse-mode accumulation of these gains is the
 KBNN smoothing chain (docs/kbt.md): ``Cov(W_n, y) = C_n ∂E[y]/∂μ_{W_n}``.
+
+Only the means are on the autograd graph: every covariance and carried cross-covariance is computed
+from detached means (nothing to record or traverse), and an activation's mean enters the graph as
+``E[φ(u)] + E[φ'(u)] (m - sg(m))`` (``sg``: stop-gradient) — the same value, and the exact derivative
+of the closed-form mean at fixed covariance. The result equals differentiating the whole pass with
+the covariances detached.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from .moments import (
     layernorm_moments,
     linear_moments,
     residual_moments,
+    score_mean,
     score_moments,
     softmax_joint_moments,
     softmax_moments,
@@ -138,26 +145,34 @@ class Propagator:
     # ------------------------------------------------------------------ per-token nodes
 
     def linear(self, g: Gauss, name: str, cross: Cross = None) -> tuple[Gauss, Cross]:
-        """``y_t = W u_t + b`` with the belief of ``name`` (exact); crosses ``Cov(x, y) = Cov(x, u) E[W]ᵀ``."""
+        """``y_t = W u_t + b`` with the belief of ``name`` (exact); crosses ``Cov(x, y) = Cov(x, u) E[W]ᵀ``.
+
+        The mean (``E[W] m + E[b]``, as in :func:`~ppl_kbnn.moments.linear_moments`) is the only part
+        on the autograd graph; the covariance and the crosses are computed from detached means."""
         w_mean, w_cov = self._weights(name)
         d_in = g.mean.shape[-1]
         W = w_mean[:, :d_in]  # (n, d_in)
-        cross = None if cross is None else cross @ W.mT
+        b = w_mean[:, d_in] if w_mean.shape[1] == d_in + 1 else None
+        mean = F.linear(g.mean, W, b)
+        cross = None if cross is None else cross @ W.detach().mT
         if g.cov is None and w_cov is None:
-            b = w_mean[:, d_in] if w_mean.shape[1] == d_in + 1 else None
-            return Gauss(F.linear(g.mean, W, b), None), cross
-        out = linear_moments(g.mean, g.cov, w_mean, w_cov, kind=self.kind, w_kind=self.w_kind)
-        return self._g(out.mean, out.cov), cross
+            return Gauss(mean, None), cross
+        out = linear_moments(g.mean.detach(), g.cov, w_mean.detach(), w_cov, kind=self.kind, w_kind=self.w_kind,
+                             need_cross=False)  # fmt: skip
+        return self._g(mean, out.cov), cross
 
     def activation(self, g: Gauss, name: str, cross: Cross = None) -> tuple[Gauss, Cross]:
         """Elementwise ``φ`` (exact marginals for ReLU/GELU); crosses ``Cov(x, φ(u)) = Cov(x, u) diag E[φ']``."""
         if g.cov is None:
             fn = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[name]
             return Gauss(fn(g.mean), None), None
-        out = activation_moments(g.mean, g.cov, activation=name, kind=self.kind)
+        out = activation_moments(g.mean.detach(), g.cov, activation=name, kind=self.kind)
+        mean = out.mean
+        if g.mean.requires_grad:  # value E[φ(u)]; derivative ∂E[φ(u)]/∂m = E[φ'(u)] at fixed covariance (exact)
+            mean = mean + out.dmean * (g.mean - g.mean.detach())
         if cross is not None:
             cross = cross * out.dmean[:, None]  # (B, X, T, n) * (B, 1, T, n)
-        return self._g(out.mean, out.cov), cross
+        return self._g(mean, out.cov), cross
 
     def layernorm(self, g: Gauss, mod: nn.LayerNorm, cross: Cross = None) -> tuple[Gauss, Cross]:
         """LayerNorm, linearised at the mean with the second-order mean (named approximation);
@@ -166,9 +181,9 @@ class Propagator:
         bias = None if mod.bias is None else mod.bias.detach()
         if g.cov is None:
             return Gauss(F.layer_norm(g.mean, mod.normalized_shape, weight, bias, mod.eps), None), None
-        out = layernorm_moments(g.mean, g.cov, weight, bias, eps=mod.eps, kind=self.kind)
+        out = layernorm_moments(g.mean, g.cov, weight, bias, eps=mod.eps, kind=self.kind, need_cross=False)
         if cross is not None:
-            cross = torch.einsum("bxtn,btmn->bxtm", cross, out.jac)
+            cross = torch.einsum("bxtn,btmn->bxtm", cross, out.jac.detach())
         return self._g(out.mean, out.cov), cross
 
     # ------------------------------------------------------------------ residual stream
@@ -248,10 +263,10 @@ class Propagator:
         if u.cov is None:
             return None
         if self.kind is CovKind.DIAG:
-            return torch.einsum("ia,bta,ia->bti", Wq, u.cov, Wk)
+            return u.cov @ (Wq * Wk).mT  # Σ_a Wq_ia P_ta Wk_ia: (B, T, d)
         if self.kind is CovKind.TOKEN:
-            return torch.einsum("ia,btac,jc->btij", Wq, u.cov, Wk)
-        qk = torch.einsum("ia,btasc,jc->btisj", Wq, u.cov, Wk)
+            return Wq @ u.cov @ Wk.mT  # (B, T, d, d)
+        qk = torch.einsum("ia,btasj->btisj", Wq, torch.einsum("btasc,jc->btasj", u.cov, Wk))
         return self._g(qk, qk).cov if self.mode == "feature" else qk  # same-feature entries only
 
     def attention(
@@ -278,15 +293,19 @@ class Propagator:
         qk = self._qk_cov(u, Wq, Wk)
         qk = None if qk is None else self._scatter_cov(qk, E)
         smask = self._scatter_mask(mask, H, T)  # (B or 1, HT, HT)
-        sc = score_moments(qs, covs[0], ks, covs[1], qk_cov=qk, kind=self.kind, scale=alpha)
+        # covariances from detached means; the means (scores, softmax, A·V) on the autograd graph
+        sc = score_moments(qs.detach(), covs[0], ks.detach(), covs[1], qk_cov=None if qk is None else qk.detach(),
+                           kind=self.kind, scale=alpha)  # fmt: skip
+        s_mean = score_mean(qs, ks, qk, kind=self.kind, scale=alpha)
         if self.joint:
-            a_mean, a_cov, _ = softmax_joint_moments(sc.mean, sc.cov.detach(), order=2, mask=smask.expand_as(sc.mean))
+            a_mean, a_cov, _ = softmax_joint_moments(s_mean, sc.cov, order=2, mask=smask.expand_as(sc.mean))
         else:
-            a_mean, a_cov = softmax_moments(sc.mean, sc.cov.detach(), order=2, mask=smask.expand_as(sc.mean))
-        o = attention_value_moments(a_mean, a_cov.detach(), vs, covs[2], kind=self.kind)
-        out = self._gather_heads(self._g(o.mean, o.cov), H)
+            a_mean, a_cov = softmax_moments(s_mean, sc.cov, order=2, mask=smask.expand_as(sc.mean))
+        o = attention_value_moments(a_mean.detach(), a_cov.detach(), vs.detach(), covs[2], kind=self.kind,
+                                    need_cross=False)  # fmt: skip
+        out = self._gather_heads(self._g(a_mean @ vs, o.cov), H)
         if cross is not None:
-            cross = self._attention_cross(cq, ck, cv, qs, ks, vs, sc.mean, a_mean, smask, E, alpha)
+            cross = self._attention_cross(cq, ck, cv, qs.detach(), ks.detach(), vs, sc.mean, a_mean, smask, E, alpha)
         return self.linear(out, f"{name}.out_proj", cross)
 
     @staticmethod

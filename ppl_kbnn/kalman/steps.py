@@ -173,6 +173,8 @@ def weight_update(
     S: torch.Tensor,
     resid: torch.Tensor,
     w_kind: str,
+    *,
+    S_inv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Kalman update of one layer's weight rows from the statistical Jacobian of the observation.
 
@@ -190,12 +192,14 @@ def weight_update(
     Args:
         mean: ``(n, p)``; cov: ``(n, p, p)`` (``"block"``) or ``(n, p)`` (``"diag"``);
         jac: ``(m, n, p)``; S: ``(m, m)``; resid: ``(m,)``.
+        S_inv: optionally ``S⁻¹`` ``(m, m)``, computed once for all layers of a sample (``S`` is then
+            not used); without it every call solves with ``S``.
     """
     if w_kind == "block":
         c = torch.einsum("npq,knq->npk", cov, jac)  # (n, p, m)
     else:
         c = cov[..., None] * jac.permute(1, 2, 0)  # (n, p, m)
-    K = torch.linalg.solve(S, c.mT).mT  # c S⁻¹ (S symmetric): (n, p, m)
+    K = c @ S_inv if S_inv is not None else torch.linalg.solve(S, c.mT).mT  # c S⁻¹ (S symmetric): (n, p, m)
     new_mean = mean + K @ resid
     if w_kind == "block":
         return new_mean, cov - K @ c.mT

@@ -41,6 +41,7 @@ at that size its truncation error is below round-off).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -150,19 +151,27 @@ def _gelu_coeffs(m: torch.Tensor, v: torch.Tensor, K: int) -> torch.Tensor:
     return torch.cat([first[..., None], higher], dim=-1)[..., :K]
 
 
-def _sigmoid_derivatives(s: torch.Tensor, K: int) -> torch.Tensor:
-    """``sig^{(k)}`` for ``k = 1..K`` as polynomials in ``s = sig(x)``: ``P_{k+1}(s) = P_k'(s) s(1 - s)``."""
+@functools.lru_cache(maxsize=8)
+def _sigmoid_polynomials(K: int) -> tuple[tuple[float, ...], ...]:
+    """Coefficients (in powers of ``s``, degree ``k + 1``) of ``P_k``, ``sig^{(k)} = P_k(sig)``, ``k = 1..K``."""
     coeffs = [0.0, 1.0, -1.0]  # P_1(s) = s - s²
     out = []
     for _ in range(K):
-        out.append(sum(c * s**i for i, c in enumerate(coeffs)))
+        out.append(tuple(coeffs) + (0.0,) * (K + 2 - len(coeffs)))
         dc = [i * c for i, c in enumerate(coeffs)][1:]  # P'
         nxt = [0.0] * (len(dc) + 2)
         for i, c in enumerate(dc):  # P' (s - s²)
             nxt[i + 1] += c
             nxt[i + 2] -= c
         coeffs = nxt
-    return torch.stack(out, dim=-1)
+    return tuple(out)
+
+
+def _sigmoid_derivatives(s: torch.Tensor, K: int) -> torch.Tensor:
+    """``sig^{(k)}`` for ``k = 1..K`` as polynomials in ``s = sig(x)``: ``P_{k+1}(s) = P_k'(s) s(1 - s)``."""
+    C = torch.tensor(_sigmoid_polynomials(K), dtype=s.dtype, device=s.device)  # (K, K + 2)
+    powers = s[..., None] ** torch.arange(K + 2, dtype=s.dtype, device=s.device)  # (..., K + 2)
+    return powers @ C.mT
 
 
 def _sigmoid(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
@@ -275,7 +284,8 @@ def activation_moments(
         check_cov("cov", cov, kind, *mean.shape[-2:])
         check_same_dtype(mean=mean, cov=cov)
     v = marginal_var(cov, kind)
-    e = ACTIVATIONS[activation](mean, v, series_order)
+    # the diag kind needs no series coefficients (no off-diagonal covariance): one term suffices
+    e = ACTIVATIONS[activation](mean, v, 1 if kind is CovKind.DIAG else series_order)
     if kind is CovKind.DIAG:
         return ActivationMoments(e.mean, e.var, v * e.dmean, e.dmean)
     T, d = mean.shape[-2:]

@@ -152,6 +152,29 @@ def score_moments(
     return _scores_token(q_mean, q_cov, k_mean, k_cov, qk_cov, alpha)
 
 
+def score_mean(
+    q_mean: torch.Tensor,
+    k_mean: torch.Tensor,
+    qk_cov: torch.Tensor | None = None,
+    *,
+    kind: str | CovKind = "token",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The mean ``E[S_ts] = scale · (m_{q_t}·m_{k_s} + tr Cov(q_t, k_s))`` of :func:`score_moments` alone
+    (same arguments; no validation), ``(..., T, S)``. Cheap, and differentiable in the means and ``qk_cov``."""
+    kind = as_kind(kind)
+    alpha = 1.0 / math.sqrt(q_mean.shape[-1]) if scale is None else float(scale)
+    mean = q_mean @ k_mean.mT  # (..., T, S)
+    if qk_cov is not None:
+        if kind is CovKind.JOINT:
+            mean = mean + torch.einsum("...tisi->...ts", qk_cov)
+        elif kind is CovKind.DIAG:
+            mean = mean + qk_cov.sum(-1).diag_embed()  # + δ_st Σ_i Cov(q_ti, k_ti)
+        else:
+            mean = mean + torch.diagonal(qk_cov, dim1=-2, dim2=-1).sum(-1).diag_embed()  # + δ_st tr(X_t)
+    return alpha * mean
+
+
 def _check_joint_psd(q_cov, k_cov, qk_cov, kind) -> None:
     """The stacked covariance of (q, k) must be PSD (a valid cross-covariance)."""
     if kind is CovKind.JOINT:
@@ -173,7 +196,7 @@ def _check_joint_psd(q_cov, k_cov, qk_cov, kind) -> None:
 def _scores_token(mq, Pq, mk, Pk, X, alpha) -> ScoreMoments:
     """Tokens independent; Pq (..., T, d, d), Pk (..., S, d, d), X (..., T, d, d) or None."""
     T = mq.shape[-2]
-    mean = mq @ mk.mT  # (..., T, S)
+    mean = score_mean(mq, mk, X, kind=CovKind.TOKEN, scale=alpha)
     Pq_mk = torch.einsum("...tij,...sj->...tsi", Pq, mk)  # P^q_t m_ks: (..., T, S, d)
     Pk_mq = torch.einsum("...sij,...tj->...tsi", Pk, mq)  # P^k_s m_qt: (..., T, S, d)
     # m_ks' ᵀ P^q_t m_ks  (shared query): (..., T, S, S)
@@ -183,52 +206,58 @@ def _scores_token(mq, Pq, mk, Pk, X, alpha) -> ScoreMoments:
     cov = cov + torch.diag_embed(own)
     q_cross, k_cross = Pq_mk, Pk_mq
     if X is not None:
-        mean = mean + torch.diagonal(X, dim1=-2, dim2=-1).sum(-1).diag_embed()  # + δ_st tr(X_t)
         Xmq = X @ mq[..., None]  # X_t m_qt: (..., T, d, 1)
         u = (mk[..., None, :, :] @ Xmq)[..., 0]  # u_ts = m_ksᵀ X_t m_qt: (..., T, S)
         eye = torch.eye(T, dtype=mq.dtype, device=mq.device)
         # δ_st u_{t s'} + δ_{s' t} u_{t s} + δ_st δ_{s't} tr(X_t X_t)
         cov = cov + eye[:, :, None] * u[..., :, None, :] + eye[:, None, :] * u[..., :, :, None]
         trXX = torch.einsum("...tij,...tji->...t", X, X)
-        cov = cov + torch.einsum("...t,ts,tz->...tsz", trXX, eye, eye)
+        cov = cov + trXX[..., :, None, None] * (eye[:, :, None] * eye[:, None, :])  # δ_st δ_zt tr(X_t X_t)
         q_cross = q_cross + eye[..., None] * Xmq[..., None, :, 0]  # + δ_st X_t m_qt
         XTmk = (X.mT @ mk[..., None])[..., 0]  # X_tᵀ m_kt: (..., T, d)
         k_cross = k_cross + eye[..., None] * XTmk[..., :, None, :]
-    return ScoreMoments(alpha * mean, alpha**2 * cov, alpha * q_cross, alpha * k_cross)
+    return ScoreMoments(mean, alpha**2 * cov, alpha * q_cross, alpha * k_cross)
 
 
 def _scores_joint(mq, Pq, mk, Pk, X, alpha) -> ScoreMoments:
     """Joint kind: Pq (..., T, d, T, d), Pk (..., S, d, S, d), X (..., T, d, S, d) or None."""
-    mean = mq @ mk.mT
+    mean = score_mean(mq, mk, X, kind=CovKind.JOINT, scale=alpha)
     cov = torch.einsum("...ti,...sizj,...uj->...tsuz", mq, Pk, mq)
     cov = cov + torch.einsum("...si,...tiuj,...zj->...tsuz", mk, Pq, mk)
     cov = cov + torch.einsum("...tiuj,...sizj->...tsuz", Pq, Pk)
     q_cross = torch.einsum("...aitj,...sj->...aits", Pq, mk)  # Cov(q_a, S_ts): (..., T, d, T, S)
     k_cross = torch.einsum("...bisj,...tj->...bits", Pk, mq)  # Cov(k_b, S_ts): (..., S, d, T, S)
     if X is not None:
-        mean = mean + torch.einsum("...tisi->...ts", X)
         cov = cov + torch.einsum("...ti,...ujsi,...zj->...tsuz", mq, X, mk)
         cov = cov + torch.einsum("...si,...tizj,...uj->...tsuz", mk, X, mq)
         cov = cov + torch.einsum("...tizj,...ujsi->...tsuz", X, X)
         q_cross = q_cross + torch.einsum("...aisj,...tj->...aits", X, mq)
         k_cross = k_cross + torch.einsum("...tjbi,...sj->...bits", X, mk)
-    return ScoreMoments(alpha * mean, alpha**2 * cov, alpha * q_cross, alpha * k_cross)
+    return ScoreMoments(mean, alpha**2 * cov, alpha * q_cross, alpha * k_cross)
 
 
 # ---------------------------------------------------------------------------------------------
 # softmax
 
 
+def _softmax_probs(mean: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``p = softmax(mean)`` over valid entries (0 elsewhere and on empty rows)."""
+    if mask is None:
+        return torch.softmax(mean, dim=-1)
+    logits = mean.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    return torch.where(mask.any(-1, keepdim=True), p, torch.zeros_like(p))  # empty rows: no output
+
+
+def _softmax_jac(p: torch.Tensor) -> torch.Tensor:
+    """The softmax Jacobian ``J = diag(p) - ppᵀ`` at probabilities ``p``."""
+    return torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+
+
 def _softmax_point(mean: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``p = softmax(mean)`` over valid entries (0 elsewhere and on empty rows), and ``J = diag(p) - ppᵀ``."""
-    if mask is None:
-        p = torch.softmax(mean, dim=-1)
-    else:
-        logits = mean.masked_fill(~mask, float("-inf"))
-        p = torch.softmax(logits, dim=-1)
-        p = torch.where(mask.any(-1, keepdim=True), p, torch.zeros_like(p))  # empty rows: no output
-    J = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
-    return p, J
+    p = _softmax_probs(mean, mask)
+    return p, _softmax_jac(p)
 
 
 def _second_order_mean(p: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
@@ -336,12 +365,14 @@ class AttentionValueMoments(NamedTuple):
         a_cross: ``Cov(a_ts, o_t)`` ``(..., T, S, dv)``; ``joint``: ``Cov(a_us, o_t)`` ``(..., T, S, T, dv)``.
         v_cross: ``Cov(v_s, o_t)``: ``token`` ``(..., T, S, dv, dv)``; ``diag`` ``(..., T, S, dv)``
             (elementwise); ``joint`` ``(..., S, dv, T, dv)``.
+
+        Both are ``None`` when the call passed ``need_cross=False``.
     """
 
     mean: torch.Tensor
     cov: torch.Tensor
-    a_cross: torch.Tensor
-    v_cross: torch.Tensor
+    a_cross: torch.Tensor | None
+    v_cross: torch.Tensor | None
 
 
 def attention_value_moments(
@@ -351,6 +382,7 @@ def attention_value_moments(
     v_cov: torch.Tensor,
     *,
     kind: str | CovKind = "token",
+    need_cross: bool = True,
 ) -> AttentionValueMoments:
     """Moments of ``o_t = Σ_s a_ts v_s`` with attention weights independent of the values.
 
@@ -358,6 +390,8 @@ def attention_value_moments(
         a_mean: ``(..., T, S)``; a_cov: within-row ``(..., T, S, S)`` (``diag``/``token``) or
             joint ``(..., T, S, T, S)``.
         v_mean: ``(..., S, dv)``; v_cov: in ``kind``'s layout.
+        need_cross: ``False`` skips the cross-covariances the covariance does not need
+            (``v_cross``, and ``a_cross`` for ``joint``), returned as ``None``.
     """
     kind = as_kind(kind)
     T, S = a_mean.shape[-2:]
@@ -378,6 +412,8 @@ def attention_value_moments(
         Ea = torch.einsum("...ts,...uz->...tsuz", a_mean, a_mean) + a_cov  # E[a_ts a_uz]
         cov = torch.einsum("...tsuz,...sizj->...tiuj", Ea, v_cov)
         cov = cov + torch.einsum("...tsuz,...si,...zj->...tiuj", a_cov, v_mean, v_mean)
+        if not need_cross:
+            return AttentionValueMoments(mean, cov, None, None)
         a_cross = torch.einsum("...uzts,...si->...uzti", a_cov, v_mean)
         v_cross = torch.einsum("...ts,...zjsi->...zjti", a_mean, v_cov)
         return AttentionValueMoments(mean, cov, a_cross, v_cross)
@@ -386,8 +422,12 @@ def attention_value_moments(
     if kind is CovKind.TOKEN:
         cov = torch.einsum("...ts,...sij->...tij", a2, v_cov)
         cov = cov + v_mean.mT[..., None, :, :] @ a_cross  # m_vᵀ A_t m_v
-        v_cross = a_mean[..., :, :, None, None] * v_cov[..., None, :, :, :]
+        if need_cross:
+            v_cross = a_mean[..., :, :, None, None] * v_cov[..., None, :, :, :]
     else:
         cov = a2 @ v_cov + (v_mean[..., None, :, :] * a_cross).sum(-2)
-        v_cross = a_mean[..., :, :, None] * v_cov[..., None, :, :]
+        if need_cross:
+            v_cross = a_mean[..., :, :, None] * v_cov[..., None, :, :]
+    if not need_cross:
+        return AttentionValueMoments(mean, cov, None, None)
     return AttentionValueMoments(mean, cov, a_cross, v_cross)

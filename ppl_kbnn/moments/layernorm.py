@@ -39,13 +39,13 @@ class LayerNormMoments(NamedTuple):
         mean: ``(..., T, d)``.
         cov: output covariance in the input's kind.
         cross: ``Cov(u, y)``: ``(..., T, d, d)`` per token for ``diag``/``token``,
-            ``(..., T, d, T, d)`` for ``joint``.
+            ``(..., T, d, T, d)`` for ``joint``; ``None`` for ``diag`` with ``need_cross=False``.
         jac: the per-token Jacobian ``J`` ``(..., T, d, d)`` (carries cross-covariances: ``Cov(z, y) = Cov(z, u) Jᵀ``).
     """
 
     mean: torch.Tensor
     cov: torch.Tensor
-    cross: torch.Tensor
+    cross: torch.Tensor | None
     jac: torch.Tensor
 
 
@@ -59,6 +59,7 @@ def layernorm_moments(
     kind: str | CovKind = "diag",
     method: str = "linearised",
     order: int = 2,
+    need_cross: bool = True,
 ) -> LayerNormMoments:
     """Approximate moments of LayerNorm over the last dim of a Gaussian sequence ``(..., T, d)``.
 
@@ -70,6 +71,8 @@ def layernorm_moments(
         method: ``"linearised"`` (first-order Taylor at the mean) or ``"frozen"`` (expected statistics).
         order: ``"linearised"`` only: ``1`` gives ``E[y] ≈ LN(m)``; ``2`` (default) adds the
             second-order mean correction ``½ tr(H_i P)``. The covariance is first order either way.
+        need_cross: ``False`` lets the ``diag`` kind skip ``Cov(u, y)`` (returned as ``None``; ``jac``
+            carries it); the other kinds need it for the covariance and always return it.
     """
     kind = as_kind(kind)
     if method not in ("linearised", "frozen"):
@@ -115,7 +118,7 @@ def layernorm_moments(
     if kind is CovKind.DIAG:
         y_cov = (jac * jac) @ cov[..., None]  # diag(J diag(v) Jᵀ): (..., T, d, 1)
         y_cov = y_cov[..., 0]
-        cross = cov[..., :, None] * jac.mT  # Cov(u_i, y_a) = v_i J_ai: (..., T, d, d)
+        cross = cov[..., :, None] * jac.mT if need_cross else None  # Cov(u_i, y_a) = v_i J_ai: (..., T, d, d)
     elif kind is CovKind.TOKEN:
         cross = cov @ jac.mT  # (..., T, d, d)
         y_cov = jac @ cross

@@ -40,7 +40,8 @@ class LinearMoments(NamedTuple):
         cov: output covariance in the input's kind.
         cross: ``Cov(u, y)`` — ``(..., T, d_in, d_out)`` per token for ``diag``/``token``
             (tokens of a non-joint input are independent, so ``Cov(u_t, y_s) = 0`` for ``t != s``),
-            ``(..., T, d_in, T, d_out)`` for ``joint``; ``None`` for a deterministic input.
+            ``(..., T, d_in, T, d_out)`` for ``joint``; ``None`` for a deterministic input (and for
+            ``diag`` with ``need_cross=False``).
         w_cross: ``Cov(w_n, y_tn) = C_n m̄_t`` as ``(..., T, d_out, p)``; ``None`` for fixed weights.
             (``Cov(w_n, y_tk) = 0`` for ``k != n``: rows are independent.)
     """
@@ -85,6 +86,7 @@ def linear_moments(
     *,
     kind: str | CovKind = "diag",
     w_kind: str = "block",
+    need_cross: bool = True,
 ) -> LinearMoments:
     """Moments of ``y_t = W u_t + b`` for Gaussian weight rows and a (random) input sequence.
 
@@ -96,6 +98,8 @@ def linear_moments(
             ``(d_out, p)`` for ``w_kind="diag"``; ``None`` for fixed weights.
         kind: covariance layout of input and output (``"diag"``, ``"token"``, ``"joint"``).
         w_kind: ``"block"`` or ``"diag"``.
+        need_cross: ``False`` lets the ``diag`` kind skip ``Cov(u, y)`` (returned as ``None``) when the
+            caller does not use it; the other kinds need it for the covariance and always return it.
 
     Returns:
         :class:`LinearMoments` (exact; see the module docstring for the equations).
@@ -122,7 +126,8 @@ def linear_moments(
         A = None
     elif kind is CovKind.DIAG:
         A = cov @ (W * W).T  # (..., T, n)
-        cross = cov[..., :, :, None] * W.T  # (..., T, d_in, n)
+        if need_cross:
+            cross = cov[..., :, :, None] * W.T  # (..., T, d_in, n)
     elif kind is CovKind.TOKEN:
         cross = cov @ W.T  # (..., T, d_in, n)
         A = W @ cross  # (..., T, n, n)
