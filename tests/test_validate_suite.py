@@ -88,9 +88,9 @@ def test_network_moments_rows_and_joint_thresholds(run):
 
 def test_posterior_methods_metrics_and_nuts_convergence(run):
     sec = run[1]["sections"]["posterior"]
-    assert [p["problem"] for p in sec["problems"]] == ["mlp"]  # --quick: the MLP only
+    assert [p["problem"] for p in sec["problems"]] == ["mlp-head"]  # --quick: the head-only MLP
     p = sec["problems"][0]
-    assert p["n_params"] == 49 and p["n_train"] == 50
+    assert p["n_params"] == 17 and p["n_train"] == 50
     nuts = p["nuts"]
     assert nuts["max_rhat"] <= 1.01 and nuts["min_ess_bulk"] >= 100
     assert nuts["num_chains"] == 2 and len(nuts["chain_seconds"]) == 2
@@ -106,19 +106,23 @@ def test_posterior_methods_metrics_and_nuts_convergence(run):
     assert 0 < nuts["nuts_mean_mcse_max"] < 0.5
     # the findings are stated with their numbers, whichever way they come out
     findings = {f["name"]: f for f in sec["findings"]}
-    assert {"kbt_block_vs_svi_normal_mlp", "kbt_block_100x_faster_mlp", "transformer_not_run"} <= set(findings)
-    assert isinstance(findings["kbt_block_vs_svi_normal_mlp"]["holds"], bool)
-    assert f"{by['kbt-block']['mean_err_max']:.3f}" in findings["kbt_block_vs_svi_normal_mlp"]["detail"]
+    assert {"kbt_block_vs_svi_normal_mlp-head", "kbt_block_100x_faster_mlp-head", "not_run"} <= set(findings)
+    vs_svi = findings["kbt_block_vs_svi_normal_mlp-head"]
+    assert isinstance(vs_svi["holds"], bool) and f"{by['kbt-block']['mean_err_max']:.3f}" in vs_svi["detail"]
+    # KBT-block is exact on this problem (linear in the Bayesian weights): it matches NUTS within NUTS's own
+    # Monte-Carlo error
+    assert by["kbt-block"]["mean_err_max"] <= 5 * nuts["nuts_mean_mcse_max"]
+    assert by["kbt-block"]["log_std_ratio_max"] <= 0.1
     assert (run[0] / sec["figure_mlp"]).stat().st_size > 10_000
 
 
 def test_unconverged_nuts_fails_the_run_and_says_why(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(posterior.QUICK, "nuts", {"mlp": {"warmup": 10, "draws": 10}})
-    monkeypatch.setitem(posterior.QUICK, "svi_steps", {"mlp": 10})
+    monkeypatch.setitem(posterior.QUICK, "nuts", {"mlp-head": {"warmup": 10, "draws": 10}})
+    monkeypatch.setitem(posterior.QUICK, "svi_steps", {"mlp-head": 10})
     monkeypatch.setitem(posterior.QUICK, "n_test", 10)
     assert main(["validate", "--quick", "--sections", "posterior", "--no-progress", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "FAILED posterior/nuts_converged_mlp" in err and "R-hat" in err
+    assert "FAILED posterior/nuts_converged_mlp-head" in err and "R-hat" in err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] is False
     assert "not converged" in (tmp_path / "report.md").read_text()
