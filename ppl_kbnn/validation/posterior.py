@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import shlex
 import sys
 import time
@@ -304,12 +306,30 @@ def _findings(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _machine() -> dict[str, Any]:
+    """What the wall times depend on: CPU model, cores, torch threads, and the load average (if the OS has one)."""
+    model = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        load = None
+    return {"cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg": load}
+
+
 def _fmt_bytes(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.1f} MiB"
 
 
 def _markdown(result: dict[str, Any], command: str) -> str:
     cfg = result["config"]
+    mach = cfg["machine"]
     lines = [
         "## Posterior: KBT vs NUTS vs SVI",
         "",
@@ -321,6 +341,10 @@ def _markdown(result: dict[str, Any], command: str) -> str:
         "std ratio = s / s_NUTS (min, max); NLL and 90% coverage on the held-out noisy targets (Gaussian "
         "intervals m ± 1.645 s); wall = fitting time (KBT: total update time; NUTS: both chains incl. JIT; "
         "SVI: steps + predictive draws).",
+        "",
+        f"Machine: {mach['cpu']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads, load average "
+        f"{mach['loadavg']} at the start and {mach['loadavg_end']} at the end of the section (1/5/15 min; other "
+        "processes on the machine stretch every wall time).",
         "",
     ]
     for p in result["problems"]:
@@ -462,6 +486,7 @@ def posterior_section(
         command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     cfg = {**(QUICK if quick else FULL), **(settings or {})}
     t0 = time.perf_counter()
+    machine_start = _machine()
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -485,6 +510,7 @@ def posterior_section(
             "quick": quick,
             "dtype": "float64",
             "specs": {k: PROBLEMS[k] for k in cfg["problems"]},
+            "machine": {**machine_start, "loadavg_end": _machine()["loadavg"]},
         },  # fmt: skip
         "checks": _checks(problems),
         "findings": _findings(problems),
