@@ -106,7 +106,7 @@ def _markdown(result: dict[str, Any], command: str) -> str:
         f"std_closed / std_MC (without observation noise), MC standard error of a ratio "
         f"{cfg['std_ratio_mc_se']:.3f}. Worst values over the cases:",
         "",
-        "| prior scale | updates | covariance | mode | max mean err (MC std) | worst case | std ratio min "
+        "| prior scale | updates | covariance | mode | max mean err (MC std) | at case | std ratio min "
         "| std ratio max | predict s |",
         "|---:|---:|---|---|---:|---|---:|---:|---:|",
     ]
