@@ -154,7 +154,8 @@ class Propagator:
         W = w_mean[:, :d_in]  # (n, d_in)
         b = w_mean[:, d_in] if w_mean.shape[1] == d_in + 1 else None
         mean = F.linear(g.mean, W, b)
-        cross = None if cross is None else cross @ W.detach().mT
+        if cross is not None:  # contiguous: one (B·X·T, d_in) × (d_in, n) product instead of B·X small ones
+            cross = cross.contiguous() @ W.detach().mT
         if g.cov is None and w_cov is None:
             return Gauss(mean, None), cross
         out = linear_moments(g.mean.detach(), g.cov, w_mean.detach(), w_cov, kind=self.kind, w_kind=self.w_kind,
@@ -166,7 +167,7 @@ class Propagator:
         if g.cov is None:
             fn = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[name]
             return Gauss(fn(g.mean), None), None
-        out = activation_moments(g.mean.detach(), g.cov, activation=name, kind=self.kind)
+        out = activation_moments(g.mean.detach(), g.cov, activation=name, kind=self.kind, need_cross=False)
         mean = out.mean
         if g.mean.requires_grad:  # value E[φ(u)]; derivative ∂E[φ(u)]/∂m = E[φ'(u)] at fixed covariance (exact)
             mean = mean + out.dmean * (g.mean - g.mean.detach())

@@ -249,14 +249,14 @@ class ActivationMoments(NamedTuple):
         mean: ``(..., T, d)``.
         cov: output covariance in the input's kind.
         cross: ``Cov(x, g(x))`` in the input's kind layout (not symmetric for token/joint):
-            ``Cov(x_i, g(x_j)) = P_ij E[g'(x_j)]``.
+            ``Cov(x_i, g(x_j)) = P_ij E[g'(x_j)]``; ``None`` for token/joint with ``need_cross=False``.
         dmean: ``E[g'(x)]`` ``(..., T, d)``: the factor that carries any cross-covariance
             through the activation, ``Cov(y, g(x)) = Cov(y, x) diag(E[g'])`` for ``y`` jointly Gaussian with ``x``.
     """
 
     mean: torch.Tensor
     cov: torch.Tensor
-    cross: torch.Tensor
+    cross: torch.Tensor | None
     dmean: torch.Tensor
 
 
@@ -267,12 +267,14 @@ def activation_moments(
     activation: str,
     kind: str | CovKind = "diag",
     series_order: int = 10,
+    need_cross: bool = True,
 ) -> ActivationMoments:
     """Moments of an elementwise activation applied to a Gaussian sequence ``(..., T, d)``.
 
     The marginal moments are exact (sigmoid/tanh: exact for the probit surrogate); the
     off-diagonal output covariance (``token``/``joint`` kinds) is Wright's series truncated at
-    ``series_order`` terms; the cross-covariance is exact (Stein's lemma).
+    ``series_order`` terms; the cross-covariance is exact (Stein's lemma). ``need_cross=False`` skips
+    ``cross`` for the ``token``/``joint`` kinds (returned as ``None``; ``dmean`` carries it).
     """
     kind = as_kind(kind)
     if activation not in ACTIVATIONS:
@@ -297,19 +299,21 @@ def activation_moments(
         a, sd = e.coeffs.reshape(*flat, -1), v.sqrt().reshape(flat)
         var, dm = e.var.reshape(flat), e.dmean.reshape(flat)
     denom = sd[..., :, None] * sd[..., None, :]
-    rho = torch.where(denom > 0, P / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(P))
-    # |ρ| < RHO_ZERO contributes below double rounding to every term; zeroing it keeps ρ^k out of the
-    # subnormal range, where CPU arithmetic is ~100x slower.
+    pos = denom > 0
+    rho = torch.where(pos, P / torch.where(pos, denom, torch.ones_like(denom)), torch.zeros_like(P))
+    # |ρ| < RHO_ZERO contributes below double rounding to every term; zeroing it keeps the products
+    # with ρ out of the subnormal range, where CPU arithmetic is ~100x slower.
     rho = torch.where(rho.abs() < RHO_ZERO, torch.zeros_like(rho), rho)
-    out = torch.zeros_like(P)
-    rho_k = torch.ones_like(P)
-    fact = 1.0
-    for k in range(1, series_order + 1):  # a loop over series terms, not over neurons or tokens
-        rho_k = rho_k * rho
-        fact *= k
-        out = out + rho_k / fact * a[..., :, None, k - 1] * a[..., None, :, k - 1]
-    out = out - torch.diag_embed(torch.diagonal(out, dim1=-2, dim2=-1)) + torch.diag_embed(var)
-    cross = P * dm[..., None, :]
+    # Σ_k ρ^k a_ik a_jk / k! by Horner's rule in ρ, with a_k / √k! scaled once on the small (..., n, K) tensor
+    k = torch.arange(1, series_order + 1, dtype=a.dtype, device=a.device)
+    a = a * torch.exp(-0.5 * torch.lgamma(k + 1))
+    out = a[..., :, None, -1] * a[..., None, :, -1]
+    for j in range(series_order - 2, -1, -1):  # a loop over series terms, not over neurons or tokens
+        out = torch.addcmul(a[..., :, None, j] * a[..., None, :, j], rho, out)
+    out = out * rho
+    out.diagonal(dim1=-2, dim2=-1).copy_(var)  # the exact variances on the diagonal
+    cross = P * dm[..., None, :] if need_cross else None
     if kind is CovKind.JOINT:
-        out, cross = unflatten_joint(out, T, d), unflatten_joint(cross, T, d)
+        out = unflatten_joint(out, T, d)
+        cross = None if cross is None else unflatten_joint(cross, T, d)
     return ActivationMoments(e.mean, out, cross, e.dmean)

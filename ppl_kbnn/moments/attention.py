@@ -356,7 +356,8 @@ def softmax_joint_moments(
 
 
 class AttentionValueMoments(NamedTuple):
-    """Output of :func:`attention_value_moments`.
+    """Output of :func:`attention_value_moments` (``a_cross`` and ``v_cross`` are ``None`` when the call
+    passed ``need_cross=False``).
 
     Attributes:
         mean: ``(..., T, dv)``.
@@ -365,8 +366,6 @@ class AttentionValueMoments(NamedTuple):
         a_cross: ``Cov(a_ts, o_t)`` ``(..., T, S, dv)``; ``joint``: ``Cov(a_us, o_t)`` ``(..., T, S, T, dv)``.
         v_cross: ``Cov(v_s, o_t)``: ``token`` ``(..., T, S, dv, dv)``; ``diag`` ``(..., T, S, dv)``
             (elementwise); ``joint`` ``(..., S, dv, T, dv)``.
-
-        Both are ``None`` when the call passed ``need_cross=False``.
     """
 
     mean: torch.Tensor

@@ -111,7 +111,9 @@ def layernorm_moments(
     if method == "linearised":
         y_mean = F.layer_norm(mean, (d,), gamma, beta, eps)  # LN(m), as nn.LayerNorm
         if order == 2:
-            y_mean = y_mean + gamma * _second_order_correction(token_blocks(cov, kind), xhat, sigma, centring)
+            diag = kind is CovKind.DIAG
+            P = cov if diag else token_blocks(cov, kind)
+            y_mean = y_mean + gamma * _second_order_correction(P, xhat, sigma, diag)
     else:
         y_mean = gamma * xhat + beta  # (..., T, d)
 
@@ -128,19 +130,26 @@ def layernorm_moments(
     return LayerNormMoments(y_mean, y_cov, cross, jac)
 
 
-def _second_order_correction(
-    P: torch.Tensor, xhat: torch.Tensor, sigma: torch.Tensor, centring: torch.Tensor
-) -> torch.Tensor:
+def _second_order_correction(P: torch.Tensor, xhat: torch.Tensor, sigma: torch.Tensor, diag: bool) -> torch.Tensor:
     r"""``½ tr(H_i P) / γ_i`` for the normalised ``x̂_i = c_i/σ̂`` (``c = (I - 11ᵀ/d) u``).
 
-    With ``P̃ = (I - 11ᵀ/d) P (I - 11ᵀ/d)`` the covariance of ``c``:
+    With ``C = I - 11ᵀ/d`` and ``P̃ = C P C`` the covariance of ``c``:
 
-    .. math:: 	frac12 \mathrm{tr}(H_i P) = rac{1}{\hat\sigma^2}\Big[-rac{(	ilde P\hat x)_i}{d}
-              - rac{\hat x_i\,\mathrm{tr}	ilde P}{2d} + rac{3\hat x_i\,\hat x^	op	ilde P\hat x}{2d^2}\Big]
+    .. math:: \frac12 \mathrm{tr}(H_i P) = \frac{1}{\hat\sigma^2}\Big[-\frac{(\tilde P\hat x)_i}{d}
+              - \frac{\hat x_i\,\mathrm{tr}\tilde P}{2d} + \frac{3\hat x_i\,\hat x^\top\tilde P\hat x}{2d^2}\Big]
+
+    computed without forming ``P̃``: with ``z = C x̂``, ``P̃ x̂ = C (P z)``, ``x̂ᵀ P̃ x̂ = zᵀ P z`` and
+    ``tr P̃ = tr P - 1ᵀ P 1 / d``. ``P``: per-token blocks ``(..., T, d, d)``, or the variances
+    ``(..., T, d)`` when ``diag``.
     """
     d = xhat.shape[-1]
-    Pc = centring @ P @ centring  # (..., T, d, d)
-    Px = (Pc @ xhat[..., None])[..., 0]  # (..., T, d)
-    tr = torch.diagonal(Pc, dim1=-2, dim2=-1).sum(-1, keepdim=True)
-    quad = (xhat * Px).sum(-1, keepdim=True)
+    z = xhat - xhat.mean(-1, keepdim=True)  # C x̂ (x̂ is centred up to round-off)
+    if diag:
+        Pz = P * z
+        tr = P.sum(-1, keepdim=True) * (1.0 - 1.0 / d)
+    else:
+        Pz = (P @ z[..., None])[..., 0]
+        tr = torch.diagonal(P, dim1=-2, dim2=-1).sum(-1, keepdim=True) - P.sum((-2, -1))[..., None] / d
+    Px = Pz - Pz.mean(-1, keepdim=True)  # P̃ x̂ = C P z
+    quad = (z * Pz).sum(-1, keepdim=True)  # x̂ᵀ P̃ x̂
     return (-Px / d - xhat * tr / (2 * d) + 1.5 * xhat * quad / d**2) / sigma**2

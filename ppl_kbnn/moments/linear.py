@@ -42,7 +42,8 @@ class LinearMoments(NamedTuple):
             (tokens of a non-joint input are independent, so ``Cov(u_t, y_s) = 0`` for ``t != s``),
             ``(..., T, d_in, T, d_out)`` for ``joint``; ``None`` for a deterministic input (and for
             ``diag`` with ``need_cross=False``).
-        w_cross: ``Cov(w_n, y_tn) = C_n m̄_t`` as ``(..., T, d_out, p)``; ``None`` for fixed weights.
+        w_cross: ``Cov(w_n, y_tn) = C_n m̄_t`` as ``(..., T, d_out, p)``; ``None`` for fixed weights (and
+            for ``diag`` weights with ``need_cross=False``, kinds ``diag``/``token``).
             (``Cov(w_n, y_tk) = 0`` for ``k != n``: rows are independent.)
     """
 
@@ -98,8 +99,9 @@ def linear_moments(
             ``(d_out, p)`` for ``w_kind="diag"``; ``None`` for fixed weights.
         kind: covariance layout of input and output (``"diag"``, ``"token"``, ``"joint"``).
         w_kind: ``"block"`` or ``"diag"``.
-        need_cross: ``False`` lets the ``diag`` kind skip ``Cov(u, y)`` (returned as ``None``) when the
-            caller does not use it; the other kinds need it for the covariance and always return it.
+        need_cross: ``False`` lets the ``diag`` kind skip ``Cov(u, y)``, and ``diag`` weights (kinds ``diag``,
+            ``token``) skip ``Cov(w, y)``, when the caller does not use them (returned as ``None``);
+            where the covariance needs them they are always returned.
 
     Returns:
         :class:`LinearMoments` (exact; see the module docstring for the equations).
@@ -139,14 +141,17 @@ def linear_moments(
     w_cross = None
     BC = None  # (..., T, n) for diag/token, (..., T, T, n) for joint
     if w_cov is not None:
-        if w_kind == "block":
-            w_cross = torch.einsum("nij,...tj->...tni", w_cov, m_aug)  # C_n m̄_t: (..., T, n, p)
+        if w_kind == "diag" and kind is not CovKind.JOINT and not need_cross:
+            BC = (m_aug * m_aug) @ w_cov.T  # Σ_i C_ni m̄_ti² without Cov(w, y): (..., T, n)
         else:
-            w_cross = w_cov * m_aug[..., :, None, :]  # (..., T, n, p)
-        if kind is CovKind.JOINT:
-            BC = torch.einsum("...tni,...si->...tsn", w_cross, m_aug)  # (..., T, T, n)
-        else:
-            BC = (w_cross * m_aug[..., :, None, :]).sum(-1)  # (..., T, n)
+            if w_kind == "block":
+                w_cross = torch.einsum("nij,...tj->...tni", w_cov, m_aug)  # C_n m̄_t: (..., T, n, p)
+            else:
+                w_cross = w_cov * m_aug[..., :, None, :]  # (..., T, n, p)
+            if kind is CovKind.JOINT:
+                BC = torch.einsum("...tni,...si->...tsn", w_cross, m_aug)  # (..., T, T, n)
+            else:
+                BC = (w_cross * m_aug[..., :, None, :]).sum(-1)  # (..., T, n)
         if cov is not None:
             Cww = w_cov[:, :d_in, :d_in] if w_kind == "block" else w_cov[:, :d_in]
             Cdiag = torch.diagonal(Cww, dim1=-2, dim2=-1) if w_kind == "block" else Cww  # (n, d_in)
