@@ -1,0 +1,120 @@
+"""``ppl-kbnn bench``: a tiny run has every section, the files and the keys docs/bench.md relies on.
+No timing thresholds here (timings depend on the machine); the numbers are checked for sanity only."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ppl_kbnn.bench import FIGURES, TARGETS, BenchSettings, fit_exponent, run_bench, time_interleaved
+from ppl_kbnn.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # the bench must not depend on the caller's default dtype
+    try:
+        report = run_bench(out_dir=out, settings=BenchSettings.tiny(), seed=1, progress=False, command="tiny bench")
+    finally:
+        torch.set_default_dtype(old)
+    return out, report
+
+
+def test_files_and_json_round_trip(tiny_report):
+    out, report = tiny_report
+    for name in ["bench.json", "bench.md", *FIGURES.values()]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk["command"] == "tiny bench" and on_disk["seed"] == 1
+    assert set(on_disk) >= {"version", "settings", "environment", "headline", "breakdown", "retrain", "svi_nuts",
+                            "scaling", "elapsed_s", "figures"}  # fmt: skip
+    assert on_disk["environment"]["torch_threads"] == 1
+    md = (out / "bench.md").read_text()
+    assert "Command: `tiny bench`" in md
+    for heading in ("AdamW", "Where the update time goes", "retraining", "SVI and NUTS", "Scaling", "exponents"):
+        assert heading in md
+
+
+def test_headline_has_both_kbt_kinds_against_adamw(tiny_report):
+    _, report = tiny_report
+    h = report["headline"]
+    assert h["config"]["dtype"] == "float64" and h["config"]["n_params"] > 0
+    methods = {(r["method"], r["hidden"]) for r in h["rows"]}
+    assert ("adamw", None) in methods
+    for cov in ("kbt-diag", "kbt-block"):
+        for hidden in BenchSettings.tiny().hidden_modes:
+            assert (cov, hidden) in methods
+    for r in h["rows"]:
+        assert r["n"] == BenchSettings.tiny().repeats
+        assert 0 < r["min_ms"] <= r["median_ms"] and r["q25_ms"] <= r["median_ms"] <= r["q75_ms"]
+        assert r["ratio"] > 0 and r["cpu_ratio"] > 0 and r["state_bytes"] > 0
+    adamw = next(r for r in h["rows"] if r["method"] == "adamw")
+    diag = next(r for r in h["rows"] if r["method"] == "kbt-diag" and r["hidden"] == "diag")
+    block = next(r for r in h["rows"] if r["method"] == "kbt-block" and r["hidden"] == "diag")
+    assert math.isclose(diag["ratio"], diag["median_ms"] / adamw["median_ms"])
+    # a diagonal belief holds a mean and a variance per weight, as AdamW holds two moments per weight
+    assert diag["state_bytes"] <= adamw["state_bytes"] < block["state_bytes"]
+    assert set(h["targets"]) == set(TARGETS)
+    for name, t in h["targets"].items():
+        assert t["limit"] == TARGETS[name] and t["met"] == (t["ratio"] <= t["limit"])
+
+
+def test_breakdown_retrain_svi_nuts(tiny_report):
+    _, report = tiny_report
+    b = report["breakdown"]
+    assert set(b) == {"kbt-diag", "kbt-block", "profile"}
+    assert set(b["kbt-diag"]) == {"forward (predict)", "forward + Jacobian (linearise)", "update"}
+    assert b["profile"]["top"] and all(r["tottime_ms"] >= 0 for r in b["profile"]["top"])
+    rows = report["retrain"]["rows"]
+    assert [r["memory"] for r in rows] == sorted(r["memory"] for r in rows)
+    assert any("kbt-diag" in r["reason"] for r in rows) and any("kbt-block" in r["reason"] for r in rows)
+    for r in rows:
+        assert r["median_ms"] > 0 and r["ratio_to_kbt_diag"] > 0 and r["state_bytes"] > 0
+    assert [r["method"] for r in report["svi_nuts"]["rows"]] == ["svi-normal", "nuts"]
+    for r in report["svi_nuts"]["rows"]:
+        assert r["refit_s"] > 0 and math.isclose(r["per_sample_ms"], 1e3 * r["refit_s"] / r["n"])
+
+
+def test_scaling_rows_and_exponents(tiny_report):
+    _, report = tiny_report
+    s = BenchSettings.tiny()
+    sc = report["scaling"]
+    rows = [r for r in sc["rows"] if "error" not in r]
+    n_configs = len(s.scaling_d) + len(s.scaling_layers) + len(s.scaling_context) - 2
+    assert len(rows) == 3 * n_configs * len(s.scaling_dtypes)  # adamw, kbt-diag, kbt-block per configuration
+    assert {r["dtype"] for r in rows} == set(s.scaling_dtypes)
+    f32 = next(r for r in rows if r["dtype"] == "float32" and r["method"] == "kbt-diag")
+    same = ("method", "d_model", "n_layer", "context")
+    f64 = next(r for r in rows if r["dtype"] == "float64" and all(r[k] == f32[k] for k in same))
+    assert f64["state_bytes"] == 2 * f32["state_bytes"]
+    exps = {(e["factor"], e["dtype"], e["method"]): e for e in sc["exponents"]}
+    e = exps[("d_model", "float64", "kbt-block")]
+    assert e["values"] == list(s.scaling_d) and e["time_exponent"] is not None
+    assert 1.5 < e["memory_exponent"] < 3.5  # block belief: rows · (in + 1)² ~ d³ (minus lower-order terms)
+    assert exps[("n_layer", "float64", "kbt-diag")]["memory_exponent"] < 1.2  # ~linear in layers
+
+
+def test_fit_exponent_and_interleaved_timer():
+    assert fit_exponent([1, 2, 4, 8], [3 * x**2.5 for x in (1, 2, 4, 8)]) == pytest.approx(2.5)
+    assert fit_exponent([2], [1.0]) is None and fit_exponent([2, 2], [1.0, 3.0]) is None
+    calls = []
+    out = time_interleaved({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))}, 4, 1)
+    assert calls[:2] == [("a", -1), ("b", -1)]  # warm-up
+    assert calls[2:] == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3)]
+    assert out["a"]["n"] == out["b"]["n"] == 4
+
+
+def test_cli_dispatch(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr("ppl_kbnn.bench.run_bench", fake)
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert seen["quick"] is True and seen["progress"] is False and seen["out_dir"] == tmp_path
+    assert seen["command"].startswith("ppl-kbnn bench --quick")
