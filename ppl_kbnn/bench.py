@@ -123,8 +123,8 @@ class BenchSettings:
     scaling_layers: tuple[int, ...] = (1, 2, 3)
     scaling_context: tuple[int, ...] = (5, 10, 20)
     scaling_dtypes: tuple[str, ...] = ("float64", "float32")
-    scaling_repeats: int = 20
-    scaling_budget_s: float = 4.0
+    scaling_repeats: int = 50
+    scaling_budget_s: float = 10.0
     block_max_bytes: int = 2 * 1024**3
     profile_updates: int = 50
     threads: int = 1
@@ -485,11 +485,9 @@ def _scaling(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
                 sel = [r for r in rows if "error" not in r and r["dtype"] == dtype_name and r["method"] == method
                        and all(r[k] == base[k] for k in base if k != factor) and r[factor] in values]  # fmt: skip
                 sel.sort(key=lambda r: r[factor])
-                xs = [r[factor] for r in sel]
-                if factor == "context":
-                    xs = [3 * x for x in xs]  # tokens
+                xs = [r[factor] for r in sel]  # (an exponent in the context is the same in tokens, 3·context)
                 exponents.append({
-                    "factor": "tokens (3·context)" if factor == "context" else factor, "dtype": dtype_name,
+                    "factor": factor, "dtype": dtype_name,
                     "method": method, "values": [r[factor] for r in sel],
                     "time_exponent": fit_exponent(xs, [r["median_ms"] for r in sel]),
                     "cpu_time_exponent": fit_exponent(xs, [r["cpu_median_ms"] for r in sel]),
@@ -621,6 +619,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
 def write_figures(report: dict[str, Any], out_dir: Path) -> list[str]:
     """The PNGs of :data:`FIGURES` from a ``bench.json`` dict; returns the file names written."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -638,8 +637,8 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[str]:
         names.append(f"{r['method']} refit (n={r['n']})")
         ms.append(1e3 * r["refit_s"])
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2))
-    colors = ["0.5" if n.startswith("AdamW") else "C3" if "block" in n else "C1" if n.startswith("KBT") else "C0"
-              for n in names]  # fmt: skip
+    colors = ["0.5" if n.startswith("AdamW") else "C3" if "block" in n else "C1" if n.startswith("KBT")
+              else "C0" if n.startswith("retrain") else "C2" for n in names]  # fmt: skip
     ax.barh(range(len(names)), ms, color=colors)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
@@ -668,6 +667,8 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> list[str]:
                                 label=f"{method} {dtype_name}")  # fmt: skip
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.set_xticks(sc["sweeps"][factor], [str(v) for v in sc["sweeps"][factor]])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlabel(factor)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
