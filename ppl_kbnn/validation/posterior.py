@@ -408,7 +408,7 @@ def _plot(problems: list[dict[str, Any]], path: Path) -> None:
         row[0].set(xscale="log", xlabel="|m − m_NUTS| / s_NUTS", ylabel="share of held-out inputs",
                    title=f"{p['problem']}: predictive mean error")  # fmt: skip
         row[1].axvline(1.0, color="grey", lw=0.8)
-        row[1].set(xscale="log", xlabel="s / s_NUTS", ylabel="share of held-out inputs",
+        row[1].set(xlabel="s / s_NUTS", ylabel="share of held-out inputs",
                    title=f"{p['problem']}: predictive std ratio to NUTS")  # fmt: skip
         names = [m["method"] for m in p["methods"] if m["method"] != "prior"]
         walls = [m["wall_s"] for m in p["methods"] if m["method"] != "prior"]
@@ -418,40 +418,42 @@ def _plot(problems: list[dict[str, Any]], path: Path) -> None:
         row[2].set(xscale="log", xlabel="wall time (s)", title=f"{p['problem']}: fitting time")
         for ax in row:
             ax.grid(True, which="both", alpha=0.3)
-        for ax in row[1:]:
-            ax.xaxis.set_minor_formatter(NullFormatter())  # no overlapping minor labels on short log ranges
+        row[2].xaxis.set_minor_formatter(NullFormatter())  # no overlapping minor labels
         row[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def _plot_curve(curve: dict[str, Any], path: Path) -> None:
-    """The MLP's predictive mean ± 1.645 std of each method over x, NUTS shaded, training data as dots."""
+def _plot_curve(curves: list[tuple[str, dict[str, Any]]], path: Path) -> None:
+    """One row per MLP problem: each method's predictive mean ± 1.645 std over x against NUTS's (shaded),
+    training data as dots."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 4.2))
+    fig = Figure(figsize=(13, 4.2 * len(curves)))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3, sharey=True)
-    x = curve["x"]
-    ref = curve["methods"]["nuts"]
-    lo = [m - Z90 * s for m, s in zip(ref["mean"], ref["std"], strict=True)]
-    hi = [m + Z90 * s for m, s in zip(ref["mean"], ref["std"], strict=True)]
-    for ax, others in zip(axes, (("prior", "kbt-block"), ("kbt-diag",), ("svi-normal", "svi-lowrank")), strict=True):
-        ax.fill_between(x, lo, hi, color="grey", alpha=0.3, label="NUTS 90%")
-        ax.plot(x, ref["mean"], color="k", lw=1.2, label="NUTS mean")
-        for name in others:
-            c = f"C{METHODS.index(name)}"
-            m, s = curve["methods"][name]["mean"], curve["methods"][name]["std"]
-            ax.plot(x, m, color=c, label=f"{name} mean")
-            ax.plot(x, [a - Z90 * b for a, b in zip(m, s, strict=True)], color=c, ls="--", lw=0.8)
-            ax.plot(x, [a + Z90 * b for a, b in zip(m, s, strict=True)], color=c, ls="--", lw=0.8,
-                    label=f"{name} 90%")  # fmt: skip
-        ax.scatter(curve["x_train"], curve["y_train"], s=8, color="k", zorder=3, label="training data")
-        ax.set(xlabel="x", title=" vs ".join(others) + " vs NUTS")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("y")
+    grid = fig.subplots(len(curves), 3, sharey=True, squeeze=False)
+    for axes, (problem, curve) in zip(grid, curves, strict=True):
+        x = curve["x"]
+        ref = curve["methods"]["nuts"]
+        lo = [m - Z90 * s for m, s in zip(ref["mean"], ref["std"], strict=True)]
+        hi = [m + Z90 * s for m, s in zip(ref["mean"], ref["std"], strict=True)]
+        groups = (("prior", "kbt-block"), ("kbt-diag",), ("svi-normal", "svi-lowrank"))
+        for ax, others in zip(axes, groups, strict=True):
+            ax.fill_between(x, lo, hi, color="grey", alpha=0.3, label="NUTS 90%")
+            ax.plot(x, ref["mean"], color="k", lw=1.2, label="NUTS mean")
+            for name in others:
+                c = f"C{METHODS.index(name)}"
+                m, s = curve["methods"][name]["mean"], curve["methods"][name]["std"]
+                ax.plot(x, m, color=c, label=f"{name} mean")
+                ax.plot(x, [a - Z90 * b for a, b in zip(m, s, strict=True)], color=c, ls="--", lw=0.8)
+                ax.plot(x, [a + Z90 * b for a, b in zip(m, s, strict=True)], color=c, ls="--", lw=0.8,
+                        label=f"{name} 90%")  # fmt: skip
+            ax.scatter(curve["x_train"], curve["y_train"], s=8, color="k", zorder=3, label="training data")
+            ax.set(xlabel="x", title=f"{problem}: " + " vs ".join(others) + " vs NUTS")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -517,9 +519,9 @@ def posterior_section(
     }
     _plot(problems, out_dir / "posterior.png")
     result["figure"] = "posterior.png"
-    curves = [p["curve"] for p in problems if p.get("curve")]
+    curves = [(p["problem"], p["curve"]) for p in problems if p.get("curve")]
     if curves:
-        _plot_curve(curves[0], out_dir / "posterior_mlp.png")
+        _plot_curve(curves, out_dir / "posterior_mlp.png")
         result["figure_mlp"] = "posterior_mlp.png"
     result["config"]["elapsed_s"] = round(time.perf_counter() - t0, 3)
     (out_dir / "posterior.json").write_text(json.dumps(result, indent=2) + "\n")
