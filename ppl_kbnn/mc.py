@@ -44,6 +44,7 @@ class MCCheck(NamedTuple):
 
     @property
     def max_z(self) -> float:
+        """Largest |z| over every checked entry (0 when nothing was checked)."""
         return float(self.z.max()) if self.z.numel() else 0.0
 
 

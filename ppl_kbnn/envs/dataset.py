@@ -99,6 +99,7 @@ class Normalizer:
         return cls(tuple(states.mean(axis=0)), tuple(std), return_scale, action_scale)
 
     def to_dict(self) -> dict[str, Any]:
+        """The normaliser as plain JSON-able lists and floats (stored with the model)."""
         return {
             "state_mean": list(self.state_mean),
             "state_std": list(self.state_std),
@@ -108,6 +109,7 @@ class Normalizer:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalizer:
+        """Rebuild a normaliser from :meth:`to_dict`; raises ``ValueError`` naming missing keys."""
         missing = {"state_mean", "state_std", "return_scale", "action_scale"} - set(d)
         if missing:
             raise ValueError(f"Normalizer.from_dict: missing keys {sorted(missing)}")
@@ -118,12 +120,15 @@ class Normalizer:
         return (np.asarray(s, dtype=np.float64) - np.asarray(self.state_mean)) / np.asarray(self.state_std)
 
     def norm_returns(self, r: np.ndarray) -> np.ndarray:
+        """Returns-to-go in network units: ``r / return_scale``."""
         return np.asarray(r, dtype=np.float64) / self.return_scale
 
     def norm_actions(self, a: np.ndarray) -> np.ndarray:
+        """Actions in network units: ``a / action_scale``."""
         return np.asarray(a, dtype=np.float64) / self.action_scale
 
     def denorm_actions(self, a: np.ndarray) -> np.ndarray:
+        """Network actions back in environment units: ``a · action_scale``."""
         return np.asarray(a, dtype=np.float64) * self.action_scale
 
 
@@ -278,6 +283,8 @@ class DTPolicy(Policy):
         self._t = 0
 
     def act(self, obs: np.ndarray) -> np.ndarray:
+        """Append ``obs`` (and the current return-to-go) to the context and return the network's action in
+        environment units, ``(1,)``; call :meth:`update` with the executed action and reward afterwards."""
         self._rtg.append(float(self.normalizer.norm_returns(self._rtg_raw)))
         self._states.append(self.normalizer.norm_states(obs))
         self._actions.append(np.zeros(ACT_DIM))  # placeholder, replaced in update()

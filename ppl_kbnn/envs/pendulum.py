@@ -139,6 +139,7 @@ class Task:
 
     @property
     def is_nominal(self) -> bool:
+        """True when every shift factor is 1 and the sensor bias 0 (the pre-training task)."""
         return (self.pole_mass, self.cart_mass, self.gear, self.gravity, self.angle_bias) == (1, 1, 1, 1, 0)
 
 
@@ -334,6 +335,7 @@ class Policy:
         """Forget the current episode."""
 
     def act(self, obs: np.ndarray) -> np.ndarray:
+        """The action ``(1,)`` for observation ``obs`` ``(4,)`` (subclasses implement it)."""
         raise NotImplementedError
 
     def update(self, action: np.ndarray, reward: float) -> None:
@@ -365,6 +367,8 @@ class ExpertPolicy(Policy):
             self.bias[ANGLE_INDEX] = self.task.angle_bias
 
     def act(self, obs: np.ndarray) -> np.ndarray:
+        """LQR feedback on the bias-corrected observation, clipped to the actuator range:
+        ``clip(−K (obs − bias), ±ACTION_BOUND)``, ``(1,)``."""
         x = np.asarray(obs, dtype=np.float64) - self.bias  # (4,)
         return np.clip(-self.K @ x, -ACTION_BOUND, ACTION_BOUND)  # (1,)
 
@@ -447,6 +451,7 @@ class SuccessRate(NamedTuple):
 
     @property
     def rate(self) -> float:
+        """Share of successful episodes, ``successes / n``."""
         return self.successes / self.n
 
     def __str__(self) -> str:

@@ -85,6 +85,7 @@ def _fmt(res: tuple) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: print the survey table of the module docstring (Markdown) for every named shift."""
     ap = argparse.ArgumentParser(prog="python -m ppl_kbnn.envs.survey", description=__doc__.splitlines()[0])
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--steps", type=int, default=1000)

@@ -39,6 +39,7 @@ class NetCase:
 
     @property
     def label(self) -> str:
+        """Short name of the configuration for tables, e.g. ``"TF d8 L1 H1 T6 relu"``."""
         kind = "DT" if self.dt else "TF"
         return f"{kind} d{self.d_model} L{self.n_layer} H{self.n_head} T{self.T} {self.activation}"
 
