@@ -12,7 +12,7 @@ import torch
 
 from ppl_kbnn.cli import SECTIONS, main, validate
 from ppl_kbnn.propagate import MODES
-from ppl_kbnn.validation import linear_exact, network_section, posterior
+from ppl_kbnn.validation import linear_exact, network_section, posterior, to_docs
 
 torch.set_num_threads(1)
 
@@ -131,3 +131,16 @@ def test_unconverged_nuts_fails_the_run_and_says_why(tmp_path, monkeypatch, caps
 def test_progress_is_shown(tmp_path, capsys):
     linear_exact.linear_exact_section(quick=True, seed=0, out_dir=tmp_path, progress=True, command="test")
     assert "linear exact" in capsys.readouterr().err
+
+
+def test_report_publishes_into_the_docs(run, tmp_path):
+    out, report = run
+    page = to_docs.publish(out, tmp_path)
+    text = page.read_text()
+    assert text.startswith("# Latest quick validation report (seed 0, all checks passed)")
+    assert "\n## Posterior: KBT vs NUTS vs SVI" in text and "\n### mlp-head" in text  # one level down
+    for section in report["sections"].values():
+        assert (tmp_path / "validation" / section["figure"]).read_bytes() == (out / section["figure"]).read_bytes()
+    posterior_md = (out / "posterior.md").read_text()
+    table_row = next(line for line in posterior_md.splitlines() if line.startswith("| kbt-block |"))
+    assert table_row in text  # the run's numbers, verbatim

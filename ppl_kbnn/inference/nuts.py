@@ -46,6 +46,7 @@ def nuts(
     target_accept_prob: float = 0.8,
     max_tree_depth: int = 10,
     init_strategy: Callable = init_to_sample,
+    full_mass: bool = False,
 ) -> InferenceResult:
     """Sample the posterior of ``model`` given ``(x, y)`` with NUTS.
 
@@ -61,6 +62,11 @@ def nuts(
         progress: show Pyro's progress bar per chain.
         target_accept_prob, max_tree_depth: NUTS settings.
         init_strategy: Pyro init strategy of every chain (default: a draw from the prior).
+        full_mass: adapt a dense mass matrix during warm-up (Pyro's ``full_mass=True``) instead of a
+            diagonal one. A network posterior is strongly correlated (the data pin down combinations of
+            weights), and a diagonal mass matrix leaves those directions badly conditioned: long trajectories
+            and slow mixing. A dense one costs ``O(D²)`` per leapfrog step and needs warm-up draws to estimate;
+            worth it up to a few thousand weights (measured in ``docs/inference.md``).
 
     Returns:
         :class:`InferenceResult` with ``samples`` ``{site: (chains·draws, ...)}`` (chain-major:
@@ -82,7 +88,7 @@ def nuts(
     for c in range(num_chains):
         pyro.set_rng_seed(seed + c)
         kernel = NUTS(model, jit_compile=jit_compile, ignore_jit_warnings=True, target_accept_prob=target_accept_prob,
-                      max_tree_depth=max_tree_depth, init_strategy=init_strategy)  # fmt: skip
+                      max_tree_depth=max_tree_depth, init_strategy=init_strategy, full_mass=full_mass)  # fmt: skip
         mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=1,
                     disable_progbar=not progress)  # fmt: skip
         tc = time.perf_counter()
@@ -107,6 +113,7 @@ def nuts(
         num_samples=num_samples,
         warmup_steps=warmup_steps,
         jit_compile=jit_compile,
+        full_mass=full_mass,
     )
 
     def predict(x_new: Any) -> tuple[torch.Tensor, torch.Tensor]:
