@@ -72,6 +72,19 @@ def nuts_run(blr):
     return inf.nuts(model, X, Y, num_samples=DRAWS, warmup_steps=300, num_chains=CHAINS, seed=0)
 
 
+def test_nuts_chains_in_processes_give_the_same_draws(blr):
+    """Chains in spawned worker processes are seeded like sequential ones: identical draws, bit for bit
+    (also with the dense mass matrix)."""
+    model, X, Y, *_ = blr
+    kw = {"num_samples": 20, "warmup_steps": 20, "num_chains": 2, "seed": 3, "full_mass": True}
+    seq, par = inf.nuts(model, X, Y, **kw), inf.nuts(model, X, Y, processes=2, **kw)
+    assert par.diagnostics["processes"] == 2 and seq.diagnostics["processes"] == 1
+    assert par.diagnostics["full_mass"] is True
+    for k in seq.samples:
+        assert torch.equal(seq.samples[k], par.samples[k]), k
+    assert par.diagnostics["max_rhat"] == seq.diagnostics["max_rhat"]
+
+
 @pytest.fixture(scope="module", params=["normal", "lowrank"])
 def svi_run(request, blr):
     model, X, Y, *_ = blr
@@ -298,6 +311,8 @@ def test_bad_arguments_raise_value_errors(blr):
         inf.retrain(model, X, Y[:3])
     with pytest.raises(ValueError, match="num_chains"):
         inf.nuts(model, X, Y, num_chains=0)
+    with pytest.raises(ValueError, match="processes"):
+        inf.nuts(model, X, Y, processes=0)
     with pytest.raises(ValueError, match="BayesianModel"):
         inf.point_network(torch.nn.Linear(2, 1))
 

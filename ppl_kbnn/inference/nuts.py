@@ -5,8 +5,8 @@ r"""NUTS on the Pyro model: the sampled ground truth for the posterior ``p(θ_B 
     \prod_i \mathcal N(y_i; f(x_i; \theta), \sigma_{obs}^2 I)
 
 ``num_chains`` chains of ``pyro.infer.MCMC(NUTS(model))`` are run **one after another** in this
-process, chain ``c`` seeded with ``seed + c`` (multiprocess chains are fragile on few cores and with
-JIT), and stacked to ``(chains, draws, ...)`` for the diagnostics. Chains start from a draw of the
+process (or, with ``processes > 1``, side by side in spawned worker processes), chain ``c`` seeded with
+``seed + c``, and stacked to ``(chains, draws, ...)`` for the diagnostics. Chains start from a draw of the
 prior (``init_to_sample``): the prior is wider than the posterior, so starts are over-dispersed as
 R-hat assumes, and still in the region where the pre-trained network is sensible.
 
@@ -17,8 +17,10 @@ Predictive: for the ``S = chains · draws`` draws, ``mean = mean_s f(x; θ_s)`` 
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pyro
@@ -30,6 +32,31 @@ from . import _arviz
 from .result import InferenceResult, draws_predictive, tensor_bytes
 
 __all__ = ["nuts"]
+
+
+def _chain(model: Any, x: Any, y: torch.Tensor, seed: int, settings: dict[str, Any], dtype: torch.dtype) -> dict:
+    """One NUTS chain seeded with ``seed``: its draws ``{site: (1, D, ...)}`` and per-chain diagnostics.
+    Runs in this process or in a spawned worker (then with one torch thread and the parent's dtype)."""
+    if multiprocessing.parent_process() is not None:
+        torch.set_num_threads(1)
+        torch.set_default_dtype(dtype)
+    pyro.set_rng_seed(seed)
+    kernel = NUTS(model, jit_compile=settings["jit_compile"], ignore_jit_warnings=True,
+                  target_accept_prob=settings["target_accept_prob"], max_tree_depth=settings["max_tree_depth"],
+                  init_strategy=settings["init_strategy"], full_mass=settings["full_mass"])  # fmt: skip
+    mcmc = MCMC(kernel, num_samples=settings["num_samples"], warmup_steps=settings["warmup_steps"], num_chains=1,
+                disable_progbar=not settings["progress"])  # fmt: skip
+    tc = time.perf_counter()
+    mcmc.run(x, y)
+    seconds = time.perf_counter() - tc
+    diag = mcmc.diagnostics()
+    return {
+        "samples": {k: v.detach() for k, v in mcmc.get_samples(group_by_chain=True).items()},  # (1, D, ...)
+        "divergences": len(diag.get("divergences", {}).get("chain 0", [])),
+        "acceptance_rate": float(diag.get("acceptance rate", {}).get("chain 0", float("nan"))),
+        "step_size": float(kernel.step_size),
+        "seconds": seconds,
+    }
 
 
 def nuts(
@@ -47,6 +74,7 @@ def nuts(
     max_tree_depth: int = 10,
     init_strategy: Callable = init_to_sample,
     full_mass: bool = False,
+    processes: int = 1,
 ) -> InferenceResult:
     """Sample the posterior of ``model`` given ``(x, y)`` with NUTS.
 
@@ -66,7 +94,12 @@ def nuts(
             diagonal one. A network posterior is strongly correlated (the data pin down combinations of
             weights), and a diagonal mass matrix leaves those directions badly conditioned: long trajectories
             and slow mixing. A dense one costs ``O(D²)`` per leapfrog step and needs warm-up draws to estimate;
-            worth it up to a few thousand weights (measured in ``docs/inference.md``).
+            worth it for a few dozen weights; on the 873-weight tiny transformer the dense estimate from a
+            few hundred warm-up draws is poor and sampling got slower (``docs/inference.md``).
+        processes: run up to this many chains at once, each in a fresh (spawned) process with one torch
+            thread; ``model``, ``x`` and ``y`` must pickle. Chain ``c`` is seeded ``seed + c`` either way,
+            so the draws do not depend on ``processes`` (checked bit for bit in the tests). ``1`` (default): one
+            after another in this process.
 
     Returns:
         :class:`InferenceResult` with ``samples`` ``{site: (chains·draws, ...)}`` (chain-major:
@@ -77,28 +110,30 @@ def nuts(
         ``num_chains``, ``num_samples``, ``warmup_steps``.
     """
     for name, value, low in (("num_samples", num_samples, 4), ("warmup_steps", warmup_steps, 0),
-                             ("num_chains", num_chains, 1), ("max_tree_depth", max_tree_depth, 1)):  # fmt: skip
+                             ("num_chains", num_chains, 1), ("max_tree_depth", max_tree_depth, 1),
+                             ("processes", processes, 1)):  # fmt: skip
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not 0 < target_accept_prob < 1:
         raise ValueError(f"target_accept_prob must be in (0, 1), got {target_accept_prob}")
-    chains: list[dict[str, torch.Tensor]] = []
-    divergences, acceptance, step_sizes, seconds = [], [], [], []
+    settings = {"num_samples": num_samples, "warmup_steps": warmup_steps, "jit_compile": jit_compile,
+                "progress": progress, "target_accept_prob": target_accept_prob, "max_tree_depth": max_tree_depth,
+                "init_strategy": init_strategy, "full_mass": full_mass}  # fmt: skip
     t0 = time.perf_counter()
-    for c in range(num_chains):
-        pyro.set_rng_seed(seed + c)
-        kernel = NUTS(model, jit_compile=jit_compile, ignore_jit_warnings=True, target_accept_prob=target_accept_prob,
-                      max_tree_depth=max_tree_depth, init_strategy=init_strategy, full_mass=full_mass)  # fmt: skip
-        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=1,
-                    disable_progbar=not progress)  # fmt: skip
-        tc = time.perf_counter()
-        mcmc.run(x, y)
-        seconds.append(time.perf_counter() - tc)
-        chains.append({k: v.detach() for k, v in mcmc.get_samples(group_by_chain=True).items()})  # (1, D, ...)
-        diag = mcmc.diagnostics()
-        divergences.append(len(diag.get("divergences", {}).get("chain 0", [])))
-        acceptance.append(float(diag.get("acceptance rate", {}).get("chain 0", float("nan"))))
-        step_sizes.append(float(kernel.step_size))
+    workers = min(num_chains, processes)
+    if workers > 1:
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked JIT or thread-pool state
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_chain, model, x, y, seed + c, settings, torch.get_default_dtype())
+                       for c in range(num_chains)]  # fmt: skip
+            runs = [f.result() for f in futures]
+    else:
+        runs = [_chain(model, x, y, seed + c, settings, torch.get_default_dtype()) for c in range(num_chains)]
+    chains = [r["samples"] for r in runs]
+    divergences = [r["divergences"] for r in runs]
+    acceptance = [r["acceptance_rate"] for r in runs]
+    step_sizes = [r["step_size"] for r in runs]
+    seconds = [r["seconds"] for r in runs]
     wall = time.perf_counter() - t0
     grouped = {k: torch.cat([ch[k] for ch in chains]) for k in chains[0]}  # (C, D, ...)
     samples = {k: v.reshape(-1, *v.shape[2:]) for k, v in grouped.items()}  # (C·D, ...), chain-major
@@ -114,6 +149,7 @@ def nuts(
         warmup_steps=warmup_steps,
         jit_compile=jit_compile,
         full_mass=full_mass,
+        processes=workers,
     )
 
     def predict(x_new: Any) -> tuple[torch.Tensor, torch.Tensor]:
