@@ -438,11 +438,15 @@ class KalmanGuide(PyroModule):
             out = prop.forward(x)  # mean (1, n_tok, d_out)
             mu = out.mean.reshape(-1)  # (m,)
             m = mu.shape[0]
-            grads = [torch.autograd.grad(mu[k], list(leaves.values()), retain_graph=k < m - 1, allow_unused=True)
-                     for k in range(m)]  # fmt: skip
+            if m == 1:  # one observed output (the usual DT read-out): a plain backward pass
+                grads = [None if g is None else g[None]
+                         for g in torch.autograd.grad(mu[0], list(leaves.values()), allow_unused=True)]  # fmt: skip
+            else:  # every output's gradient in one batched backward pass (vmap over the rows of I_m)
+                grads = torch.autograd.grad(mu, list(leaves.values()), grad_outputs=torch.eye(m, dtype=mu.dtype),
+                                            is_grads_batched=True, allow_unused=True)  # fmt: skip
         jacs = {
-            node.module: torch.stack([torch.zeros_like(leaves[node.module]) if g[j] is None else g[j] for g in grads])
-            for j, node in enumerate(nodes)
+            node.module: torch.zeros(m, *leaves[node.module].shape, dtype=mu.dtype) if g is None else g
+            for node, g in zip(nodes, grads, strict=True)
         }  # (m, rows, p)
         return mu.detach(), full_cov(out, prop.kind)[0], jacs
 
