@@ -347,7 +347,8 @@ def _markdown(result: dict[str, Any], command: str) -> str:
         f"{QUICK_NOTE if cfg['quick'] else 'full run'}. "
         f"Errors against NUTS on {cfg['n_test']} held-out inputs: mean error = |m − m_NUTS| / s_NUTS (max, mean), "
         "std ratio = s / s_NUTS (min, max); NLL and 90% coverage on the held-out noisy targets (Gaussian "
-        "intervals m ± 1.645 s); wall = fitting time (KBT: total update time; NUTS: both chains incl. JIT; "
+        "intervals m ± 1.645 s); wall = fitting time (KBT: total update time; NUTS: the whole call, chains "
+        "side by side, incl. JIT; "
         "SVI: steps + predictive draws).",
         "",
         f"Machine: {mach['cpu']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads, load average "
