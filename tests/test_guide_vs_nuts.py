@@ -1,25 +1,27 @@
 """KBT (Kalman guide) vs NUTS on the issue's MLP problem: a posterior-level comparison.
 
 Setup (issue 3): ``Linear(1,16) → ReLU → Linear(16,1)`` pre-trained on sin(x), prior_scale 0.1 around the
-pre-trained weights, obs_noise 0.1, 50 samples of sin(x) + 0.3x, 20 test inputs; NUTS with 2 chains
-(JIT, 200 warm-up + 300 draws each), R-hat ≤ 1.01.
+pre-trained weights, obs_noise 0.1, 50 samples of sin(x) + 0.3x, 20 test inputs; NUTS with 2 chains side
+by side (JIT, dense mass matrix, 300 warm-up + 1000 draws each), R-hat ≤ 1.01. (2 × (200 + 300) draws with a
+diagonal mass matrix gave R-hat 1.009 on one software stack and 1.012 on another: too close to the line.)
 
-Measured (seed 0): KBT-block mean error ≤ 1.1 NUTS predictive std, std ratio KBT/NUTS in [1.17, 2.5]. The
-issue's target (0.5 std, factor 2) is not met; the reason is structural and measured here too: the *best*
-block-diagonal Gaussian — the per-neuron blocks moment-matched to the NUTS draws themselves — already has a
-predictive std up to ~4.6x NUTS's, because the posterior correlations between layers and between neurons
-carry most of the predictive-variance reduction, and a per-neuron block belief cannot hold them
+Measured (seed 0; max R-hat 1.0041): KBT-block mean error 0.89 NUTS predictive std, std ratio KBT/NUTS in
+[1.17, 2.01]; KBT-diag 1.23 and [1.41, 3.03]. The tests assert that measured envelope with a margin, not the
+issue's target (0.5 std, factor 2), which is not met; the reason is structural and measured here too: the
+*best* block-diagonal Gaussian — the per-neuron blocks moment-matched to the NUTS draws themselves — has its
+mean within 0.27 NUTS std but a predictive std up to 3.99× NUTS's, because the posterior correlations
+between layers and between neurons carry most of the predictive-variance reduction, and a per-neuron block
+belief cannot hold them
 (docs/kbnn.md, "How close to NUTS").
 """
 
-import pyro
 import pytest
 import torch
-from pyro.infer import MCMC, NUTS, Predictive
-from pyro.ops.stats import split_gelman_rubin
 
 import ppl_kbnn as pk
 from ppl_kbnn.toy import pretrained_mlp, regression_stream
+
+NUTS_WARMUP, NUTS_DRAWS = 300, 1000
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +38,10 @@ def _problem():
     model = pk.BayesianModel(pretrained_mlp(16), prior_scale=0.1, obs_noise=0.1)
     X, Y = regression_stream(50)
     Xt = torch.linspace(-2.8, 2.8, 20)[:, None]
-    chains = []
-    for seed in (0, 1):
-        pyro.set_rng_seed(seed)
-        mcmc = MCMC(NUTS(model, jit_compile=True, ignore_jit_warnings=True), num_samples=300, warmup_steps=200,
-                    disable_progbar=True)  # fmt: skip
-        mcmc.run(X, Y)
-        chains.append(mcmc.get_samples())
-    samples = {k: torch.cat([c[k] for c in chains]) for k in chains[0]}
-    rhat = max(split_gelman_rubin(torch.stack([c[k] for c in chains])).max().item() for k in chains[0])
-    pred = Predictive(model, samples, return_sites=["obs"])(Xt)["obs"][..., 0]
-    return model, X, Y, Xt, samples, rhat, pred.mean(0), pred.std(0)
+    ref = pk.inference.nuts(model, X, Y, num_samples=NUTS_DRAWS, warmup_steps=NUTS_WARMUP, num_chains=2, seed=0,
+                            full_mass=True, processes=2)  # fmt: skip
+    mean, std = ref.predict(Xt)  # (20, 1) each; std includes the observation noise
+    return model, X, Y, Xt, ref.samples, ref.diagnostics["max_rhat"], mean[:, 0], std[:, 0]
 
 
 @pytest.mark.slow
@@ -55,8 +50,8 @@ def test_nuts_reference_converged(problem):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("covariance", "mean_tol", "ratio_range"), [("block", 1.3, (0.8, 3.0)),
-                                                                      ("diag", 1.3, (0.8, 4.5))])  # fmt: skip
+@pytest.mark.parametrize(("covariance", "mean_tol", "ratio_range"), [("block", 1.0, (0.8, 2.5)),
+                                                                      ("diag", 1.4, (0.8, 4.0))])  # fmt: skip
 def test_kbt_predictive_against_nuts(problem, covariance, mean_tol, ratio_range):
     model, X, Y, Xt, _, _, nuts_mean, nuts_std = problem
     guide = pk.KalmanGuide(model, covariance=covariance).update(X, Y)

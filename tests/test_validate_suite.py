@@ -138,7 +138,7 @@ def test_report_publishes_into_the_docs(run, tmp_path):
     page = to_docs.publish(out, tmp_path)
     text = page.read_text()
     assert text.startswith("# Latest quick validation report (seed 0, all checks passed)")
-    assert "\n## Posterior: KBT vs NUTS vs SVI" in text and "\n### mlp-head" in text  # one level down
+    assert "\n### Posterior: KBT vs NUTS vs SVI" in text and "\n#### mlp-head" in text  # one level down
     for section in report["sections"].values():
         assert (tmp_path / "validation" / section["figure"]).read_bytes() == (out / section["figure"]).read_bytes()
     posterior_md = (out / "posterior.md").read_text()
