@@ -438,7 +438,7 @@ class KalmanGuide(PyroModule):
             out = prop.forward(x)  # mean (1, n_tok, d_out)
             mu = out.mean.reshape(-1)  # (m,)
             m = mu.shape[0]
-            if m == 1:  # one observed output (the usual DT read-out): a plain backward pass
+            if m == 1:  # the usual DT read-out; a plain backward pass (vmap costs +30-50% here: 24 vs 32-37 ms)
                 grads = [None if g is None else g[None]
                          for g in torch.autograd.grad(mu[0], list(leaves.values()), allow_unused=True)]  # fmt: skip
             else:  # every output's gradient in one batched backward pass (vmap over the rows of I_m)
