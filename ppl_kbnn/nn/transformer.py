@@ -187,6 +187,9 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, T, d_in) with ``1 <= T <= max_len`` -> (B, T, d_out)."""
         c = self.config
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a floating-point tensor (B, T, d_in={c.d_in}), got {got}")
         if x.ndim != 3 or x.shape[-1] != c.d_in:
             raise ValueError(f"x: expected shape (B, T, d_in={c.d_in}), got {tuple(x.shape)}")
         B, T, _ = x.shape
@@ -272,6 +275,12 @@ class DecisionTransformer(nn.Module):
         self, returns_to_go: torch.Tensor, states: torch.Tensor, actions: torch.Tensor, timesteps: torch.Tensor
     ) -> None:
         c = self.config
+        for name, t in (("returns_to_go", returns_to_go), ("states", states), ("actions", actions)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected a floating-point tensor, got {got}")
+        if not isinstance(timesteps, torch.Tensor):
+            raise ValueError(f"timesteps: expected a torch.long tensor, got {type(timesteps).__name__}")
         if states.ndim != 3 or states.shape[-1] != c.state_dim:
             raise ValueError(f"states: expected shape (B, K, state_dim={c.state_dim}), got {tuple(states.shape)}")
         B, K, _ = states.shape
