@@ -1,11 +1,15 @@
 """``KalmanGuide``: the closed-form Kalman guide of a :class:`~ppl_kbnn.model.BayesianModel`.
 
-The guide holds a Gaussian belief over the Bayesian weights of every linear layer — one full
-``(d_in+1) × (d_in+1)`` covariance block per output neuron over ``[W_n, b_n]`` (KBNN, ``"block"``)
-or a diagonal (``"diag"``) — initialised to the model's prior, and updates it one sample at a time
-in closed form (:meth:`KalmanGuide.update`): a forward moment pass (:mod:`ppl_kbnn.moments`), a
-Kalman filter step at the output, and KBNN smoothing steps back through the network
-(:mod:`ppl_kbnn.kalman`). No gradients, no learning rate.
+The guide is the Pyro face of three pieces:
+
+* a **belief** over the Bayesian weights (:mod:`ppl_kbnn.beliefs`, ``covariance=``): ``"block"`` (one full
+  covariance per output neuron over ``[W_n, b_n]``, KBNN), ``"diag"``, ``"full"`` (one dense covariance
+  over every Bayesian weight) or ``"lowrank"`` (diagonal plus rank-``r`` precision), initialised to the
+  model's prior;
+* an **update rule** (:mod:`ppl_kbnn.engines`, ``update=``): ``"kbnn"`` (the paper's: moment propagation
+  forward, Kalman smoothing backward), ``"ekf"`` (the whole network linearised at the belief mean) or
+  ``"slr"`` (statistical linear regression from weight draws), one sample at a time, in closed form;
+* the matching **read-out** for :meth:`KalmanGuide.predict`.
 
 As a Pyro guide it samples every Bayesian site of the model from the belief, so
 ``Predictive(model, guide=guide)`` and ELBO evaluation work unchanged.
@@ -14,6 +18,7 @@ As a Pyro guide it samples every Bayesian site of the model from the belief, so
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pyro
@@ -23,20 +28,12 @@ from pyro.nn.module import PyroModule
 from torch import nn
 
 from . import __version__
-from .kalman import (
-    Guards,
-    filter_step,
-    filter_step_full,
-    smooth_activation,
-    smooth_activation_full,
-    smooth_linear,
-    smooth_linear_full,
-    weight_update,
-)
+from .beliefs import BELIEFS, Belief, Layout, LinearSlot
+from .engines import ENGINES, READOUTS, SLR, KBNNChain, KBNNTransformer, NetworkFunction, antithetic_draws
+from .kalman import Guards
 from .model import BayesianModel
-from .moments import activation_moments, linear_moments, validation
 from .moments._checks import check_tensor
-from .propagate import MODES, Propagator, full_cov
+from .propagate import MODES
 
 __all__ = ["KalmanGuide"]
 
@@ -49,17 +46,7 @@ _ACTIVATIONS: dict[type, str] = {
 }
 
 
-@dataclass(frozen=True)
-class _Linear:
-    """A linear layer of the network and where its belief lives."""
-
-    module: str  # module name inside model.net ("0", "2", ...)
-    index: int  # belief buffers: mean_{index}, cov_{index}
-    d_in: int
-    d_out: int
-    bias: bool
-    weight_site: str | None  # Bayesian site names (None: fixed)
-    bias_site: str | None
+_Linear = LinearSlot  # a linear layer of the network and where its belief lives
 
 
 @dataclass(frozen=True)
@@ -138,27 +125,36 @@ def _take(x, i: int):
 
 
 class KalmanGuide(PyroModule):
-    """Closed-form Kalman guide (KBNN) for a :class:`~ppl_kbnn.model.BayesianModel`.
+    """Closed-form Kalman guide for a :class:`~ppl_kbnn.model.BayesianModel`.
 
     Args:
         model: the Pyro model. Its network is an ``nn.Sequential`` of ``Linear``, ``ReLU``, ``GELU``,
             ``Tanh``, ``Sigmoid``, ``Identity`` (or a single ``Linear``): the KBNN chain; or a
             :class:`~ppl_kbnn.nn.Transformer` / :class:`~ppl_kbnn.nn.DecisionTransformer`: the KBT.
-        covariance: ``"block"`` (per-neuron full covariance over ``[W_n, b_n]``) or ``"diag"``.
-        hidden: hidden-state covariance of the forward and backward passes. Chains: ``"diag"`` (KBNN:
-            scalar gains, neurons summed as independent) or ``"full"`` (full covariance within a
+        covariance: the belief structure (:data:`ppl_kbnn.beliefs.BELIEFS`): ``"block"`` (per-neuron full
+            covariance over ``[W_n, b_n]``), ``"diag"``, ``"full"`` (dense over all Bayesian weights) or
+            ``"lowrank"`` (diagonal + rank-``rank`` precision).
+        update: the update rule (:data:`ppl_kbnn.engines.ENGINES`): ``"kbnn"`` (the paper's; ``"block"`` and
+            ``"diag"`` only), ``"ekf"`` or ``"slr"`` (every structure).
+        hidden: hidden-state covariance of the ``"kbnn"`` forward and backward passes. Chains: ``"diag"``
+            (KBNN: scalar gains, neurons summed as independent) or ``"full"`` (full covariance within a
             sample: Wright-series activation covariances forward, vector RTS steps backward).
-            Transformers: ``"diag"``, ``"token"``, ``"feature"`` or ``"joint"``
-            (:mod:`ppl_kbnn.propagate`); the backward pass is the statistical gradient of the
-            propagated mean (KBNN smoothing in closed form, docs/kbt.md).
+            Transformers: ``"diag"``, ``"token"``, ``"feature"`` or ``"joint"`` (:mod:`ppl_kbnn.propagate`);
+            the backward pass is the statistical gradient of the propagated mean (docs/kbt.md). Also used by
+            ``predict(method="moments")``.
+        rank: rank of the ``"lowrank"`` precision factor (default 10).
+        draws: weight draws per ``"slr"`` update and per ``"sampled"`` prediction (even; default 1000).
+        seed: seed of those draws (each update and each prediction reseeds from it: reproducible).
         process_noise: variance ``q`` added to every Bayesian weight's variance before each
             sample's update (random-walk drift, ``θ_t = θ_{t-1} + N(0, qI)``); default 0 (static).
         var_floor, jitter, gain_clip, psd_repair: numerical guards (see :mod:`ppl_kbnn.kalman.guards`);
             each firing is counted in :attr:`guard_counts`.
 
-    The belief of linear layer ``l`` is in the buffers ``mean_l`` ``(d_out, p)`` and ``cov_l``
-    (``(d_out, p, p)`` or ``(d_out, p)``), ``p = d_in + 1`` with the bias last (``d_in`` without a
-    bias). Fixed (non-Bayesian) entries have zero variance and never move.
+    The belief is :attr:`belief` (a :class:`~ppl_kbnn.beliefs.Belief`); :meth:`layer` / :meth:`set_layer` read
+    and set one linear map's rows. Fixed (non-Bayesian) entries have zero variance and never move.
+
+    Threads: the updates are many small tensor operations; for small networks ``torch.set_num_threads(1)``
+    is often several times faster than the default on a busy machine.
     """
 
     def __init__(
@@ -166,7 +162,11 @@ class KalmanGuide(PyroModule):
         model: BayesianModel,
         covariance: str = "block",
         *,
+        update: str = "kbnn",
         hidden: str = "diag",
+        rank: int | None = None,
+        draws: int | None = None,
+        seed: int = 0,
         process_noise: float = 0.0,
         var_floor: float = 0.0,
         jitter: float = 0.0,
@@ -176,10 +176,12 @@ class KalmanGuide(PyroModule):
         super().__init__()
         if not isinstance(model, BayesianModel):
             raise ValueError(f"model must be a ppl_kbnn.BayesianModel, got {type(model).__name__}")
-        if covariance not in ("block", "diag"):
-            raise ValueError(f"covariance must be 'block' or 'diag', got {covariance!r}")
-        if process_noise < 0:
-            raise ValueError(f"process_noise must be >= 0, got {process_noise}")
+        if covariance not in BELIEFS:
+            raise ValueError(f"covariance must be one of {sorted(BELIEFS)}, got {covariance!r}")
+        if update not in ENGINES:
+            raise ValueError(f"update must be one of {sorted(ENGINES)}, got {update!r}")
+        if not process_noise >= 0 or process_noise == float("inf"):
+            raise ValueError(f"process_noise must be finite and >= 0, got {process_noise}")
         self.transformer = _is_transformer(model.net)
         if self.transformer:
             if hidden not in MODES:
@@ -191,8 +193,19 @@ class KalmanGuide(PyroModule):
                 raise ValueError(f"hidden must be 'diag' or 'full', got {hidden!r}")
             if hidden == "full" and gain_clip is not None:
                 raise ValueError("gain_clip is only available with hidden='diag' (the full RTS gains are matrices)")
-        self.covariance = covariance
-        self.hidden = hidden
+        engine_cls = ENGINES[update][int(self.transformer)]
+        belief_cls = BELIEFS[covariance]
+        if belief_cls not in engine_cls.beliefs:
+            ok = sorted(c.key for c in engine_cls.beliefs)
+            raise ValueError(f"update={update!r} does not support covariance={covariance!r}; supported: {ok}")
+        if gain_clip is not None and update != "kbnn":
+            raise ValueError("gain_clip applies to update='kbnn' only (its per-node smoothing gains)")
+        if rank is not None and covariance != "lowrank":
+            raise ValueError("rank applies to covariance='lowrank' only")
+        if process_noise > 0 and covariance == "lowrank":
+            raise ValueError("process_noise > 0 is not supported with covariance='lowrank'; supported: "
+                             "'diag', 'block', 'full'")  # fmt: skip
+        self.covariance, self.update_rule, self.hidden = covariance, update, hidden
         self._kind = "diag" if hidden == "diag" else "token"
         self.obs_noise = model.obs_noise
         self.observe = model.observe
@@ -201,14 +214,23 @@ class KalmanGuide(PyroModule):
         self.guards = Guards(var_floor=var_floor, jitter=jitter, gain_clip=gain_clip, psd_repair=psd_repair)
         self.nodes = _parse(model)
         self.n_updates = 0
+        self._in_batch = 0  # index of the sample being absorbed within the current update() call
         self.update_seconds = 0.0
-        for node in self._linears:
-            mean, var, mask = self._prior(model, node)
-            cov = torch.diag_embed(var) if covariance == "block" else var
-            self.register_buffer(f"mean_{node.index}", mean)
-            self.register_buffer(f"cov_{node.index}", cov)
-            self.register_buffer(f"mask_{node.index}", mask)
-        self.dtype = self.mean_0.dtype
+        layout = Layout(model.priors, self._linears)
+        loc = torch.cat([loc.reshape(-1) for loc, _ in model.priors.values()])  # (D,)
+        var = torch.cat([(scale * scale).reshape(-1) for _, scale in model.priors.values()])  # (D,)
+        fixed = [self._fixed_rows(model, node) for node in self._linears]
+        self.belief: Belief = belief_cls(layout, loc, var, self.guards, rank=rank, fixed=fixed)
+        self.dtype = loc.dtype
+        opts = {} if update != "slr" else {"draws": draws, "seed": seed}
+        if update != "slr" and draws is not None:
+            raise ValueError("draws applies to update='slr' (use predict(method='sampled', draws=...) otherwise)")
+        self.engine = engine_cls(self, **opts)
+        self.draws = getattr(self.engine, "draws", SLR.DEFAULT_DRAWS if draws is None else draws)
+        self.seed = int(seed)
+        self._moments = (KBNNTransformer if self.transformer else KBNNChain)(self)
+        self.__dict__["_network"] = None  # built on first use (a deterministic copy of the network)
+        self.__dict__["_model"] = model
 
     # ------------------------------------------------------------------ structure
 
@@ -216,75 +238,71 @@ class KalmanGuide(PyroModule):
     def _linears(self) -> list[_Linear]:
         return [n for n in self.nodes if isinstance(n, _Linear)]
 
+    @property
+    def network(self) -> NetworkFunction:
+        """``f(θ, x)`` of the network at flat Bayesian weights (used by the ``"ekf"``/``"slr"`` rules)."""
+        if self._network is None:
+            self.__dict__["_network"] = NetworkFunction(self._model, self.belief.layout)
+        return self._network
+
     @staticmethod
-    def _prior(model: BayesianModel, node: _Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prior mean ``(n, p)``, variance ``(n, p)`` and Bayesian mask ``(n, p)`` of a layer."""
+    def _fixed_rows(model: BayesianModel, node: _Linear) -> torch.Tensor:
+        """The pre-trained ``[W, b]`` rows ``(n, p)`` of a linear map (its fixed entries' values)."""
         module = model.net.get_submodule(node.module) if node.module else model.net
-        parts_m, parts_v = [], []
         parts = [(node.weight_site, "weight", (node.d_out, node.d_in))]
         if node.bias:
             parts.append((node.bias_site, "bias", (node.d_out, 1)))
+        out = []
         for site, par, shape in parts:
-            if site is not None:
-                loc, scale = model.priors[site]
-                parts_m.append(loc.reshape(shape))
-                parts_v.append((scale * scale).reshape(shape))
-            else:
-                fixed = module._buffers[par]
-                parts_m.append(fixed.reshape(shape))
-                parts_v.append(torch.zeros_like(fixed).reshape(shape))
-        mean, var = torch.cat(parts_m, -1).clone(), torch.cat(parts_v, -1).clone()
-        return mean, var, var > 0
+            value = model.priors[site][0] if site is not None else module._buffers[par]
+            out.append(value.reshape(shape))
+        return torch.cat(out, -1).clone()
 
-    def _belief(self, node: _Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"mean_{node.index}"), getattr(self, f"cov_{node.index}")
+    def layer(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The belief of linear map ``module`` (its name inside the network): rows ``[W_n, b_n]`` mean ``(rows, p)``
+        (bias last) and covariance ``(rows, p, p)`` (``"diag"``: variances ``(rows, p)``). For ``"full"`` and
+        ``"lowrank"`` the covariance is the per-row marginal block of the joint belief."""
+        return self.belief.layer(self._slot(module).index)
+
+    def set_layer(self, module: str, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        """Set the belief of linear map ``module`` (``"block"``/``"diag"``; validated like a checkpoint)."""
+        if not hasattr(self.belief, "set_layer"):
+            raise ValueError(f"set_layer needs a per-row belief ('block' or 'diag'), not {self.covariance!r}")
+        self.belief.set_layer(self._slot(module).index, mean, cov)
+
+    def _slot(self, module: str) -> _Linear:
+        for node in self._linears:
+            if node.module == module:
+                return node
+        raise ValueError(f"no Bayesian linear map named {module!r}; maps: {[n.module for n in self._linears]}")
 
     def beliefs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{linear_module_name: (mean (rows, p), cov)}``: the belief of every Bayesian linear map
-        (bias last in ``p``; ``cov`` ``(rows, p, p)`` for ``"block"``, ``(rows, p)`` for ``"diag"``)."""
-        return {node.module: self._belief(node) for node in self._linears}
+        """``{linear_module_name: (mean (rows, p), cov)}`` for every linear map (see :meth:`layer`)."""
+        return {node.module: self.belief.layer(node.index) for node in self._linears}
 
     @torch.no_grad()
     def load_beliefs(self, other: KalmanGuide) -> KalmanGuide:
         """Copy the belief of ``other`` (a guide of the same network and ``covariance``; its ``hidden``
-        mode may differ), e.g. to evaluate one belief under several hidden-state modes."""
+        mode and update rule may differ), e.g. to evaluate one belief under several hidden-state modes."""
         if other.covariance != self.covariance or [n for n in other.nodes] != [n for n in self.nodes]:
             raise ValueError("load_beliefs: the other guide has a different structure or covariance kind")
-        for node in self._linears:
-            for name in (f"mean_{node.index}", f"cov_{node.index}"):
-                getattr(self, name).copy_(getattr(other, name))
+        if other.belief.signature() != self.belief.signature():
+            raise ValueError("load_beliefs: the other guide's belief has different settings")
+        for mine, theirs in zip(self.belief.buffers(), other.belief.buffers(), strict=True):
+            mine.copy_(theirs)
         return self
 
     @property
     def belief_bytes(self) -> int:
-        """Bytes held by the belief (means and covariances) beyond the pre-trained weights."""
-        return sum(t.numel() * t.element_size() for node in self._linears for t in self._belief(node))
+        """Bytes held by the belief (means and covariances or precision factors) beyond the pre-trained weights."""
+        return self.belief.nbytes
 
     @property
     def guard_counts(self) -> dict[str, int]:
         """How often each numerical guard fired since construction."""
         return dict(self.guards.counts)
 
-    # ------------------------------------------------------------------ forward moments
-
-    def _forward_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Moments of the network output for inputs ``x`` ``(..., T, d_in)``; the cache holds, per node,
-        ``(node, input covariance, output moments)`` for the backward pass."""
-        mean, cov = x, None
-        cache = []
-        with validation(False):
-            for node in self.nodes:
-                if isinstance(node, _Linear):
-                    w_mean, w_cov = self._belief(node)
-                    out = linear_moments(mean, cov, w_mean, w_cov, kind=self._kind, w_kind=self.covariance)
-                else:
-                    out = activation_moments(mean, cov, activation=node.activation, kind=self._kind)
-                cache.append((node, cov, out))
-                mean, cov = out.mean, out.cov
-        return mean, cov, cache
-
     # ------------------------------------------------------------------ inputs
-
     def _check_seq_x(self, x) -> tuple[torch.Tensor | dict, int]:
         """A transformer input: ``(N, T, d_in)``, or for a decision transformer a dict of ``(N, K, ...)``."""
         from collections.abc import Mapping
@@ -322,9 +340,6 @@ class KalmanGuide(PyroModule):
                              f"got {tuple(y.shape)}")  # fmt: skip
         return y
 
-    def _propagator(self) -> Propagator:
-        return Propagator(self._net, self.beliefs(), mode=self.hidden, w_kind=self.covariance, observe=self.observe)
-
     def _out_shape(self, x, n: int) -> tuple[int, ...]:
         d_out = self._net.config.d_out if hasattr(self._net.config, "d_out") else self._net.config.act_dim
         if self.observe == "last":
@@ -359,31 +374,49 @@ class KalmanGuide(PyroModule):
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def predict(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """Closed-form predictive ``(mean, var)`` of ``y`` at inputs ``x`` ``(N, d_in)``, each ``(N, d_out)``.
+    def predict(self, x, method: str | None = None, *, draws: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictive ``(mean, var)`` of ``y`` at inputs ``x``; ``var`` (marginal variances) includes ``obs_noise²``.
 
-        Transformers: ``x`` ``(N, T, d_in)`` (decision transformer: a dict of ``(N, K, ...)`` tensors);
-        outputs ``(N, d_out)`` for ``observe="last"``, ``(N, T, d_out)`` for ``"all"``. ``var`` (the
-        marginal variances) includes the observation noise ``obs_noise²``.
+        Chains: ``x`` ``(N, d_in)``, outputs ``(N, d_out)``. Transformers: ``x`` ``(N, T, d_in)`` (decision
+        transformer: a dict of ``(N, K, ...)`` tensors); outputs ``(N, d_out)`` for ``observe="last"``,
+        ``(N, T, d_out)`` for ``"all"``.
+
+        ``method`` (default: the one that matches the update rule): ``"moments"`` (closed-form moment
+        propagation; ``"kbnn"``; with a joint belief it uses the per-row marginal blocks), ``"linearised"``
+        (``f(x; μ)`` and ``diag(J P Jᵀ)``; ``"ekf"``) or ``"sampled"`` (``draws`` weight draws pushed through the
+        network, antithetic pairs, seeded; ``"slr"``).
         """
+        method = self.engine.readout if method is None else method
+        if method not in READOUTS:
+            raise ValueError(f"method must be one of {READOUTS}, got {method!r}")
         if self.transformer:
-            x, n = self._check_seq_x(x)
-            with validation(False):
-                out = self._propagator().forward(x)
-            var = torch.diagonal(full_cov(out, self._propagator().kind), dim1=-2, dim2=-1).reshape(out.mean.shape)
-            mean, var = out.mean, var + self.obs_noise**2  # (N, n_tok, d_out)
-            return (mean[:, 0], var[:, 0]) if self.observe == "last" else (mean, var)
-        x = self._check_x(x)
-        mean, cov, _ = self._forward_moments(x[:, None, :])  # each input a one-token sequence
-        var = cov if self.hidden == "diag" else torch.diagonal(cov, dim1=-2, dim2=-1)
-        return mean[:, 0], var[:, 0] + self.obs_noise**2
+            x, _ = self._check_seq_x(x)
+        else:
+            x = self._check_x(x)
+        if method == "moments":
+            joint = None if hasattr(self.belief, "rows") else self.beliefs()
+            mean, var = self._moments.moments(x, joint)
+        elif method == "linearised":
+            mean, J = self.network.jacobian(self.belief.mean, x)  # (k,), (k, D)
+            var = (J * self.belief.cov_jac(J).mT).sum(-1)  # diag(J P Jᵀ)
+            shape = self._out_shape(x, self._batch(x))
+            mean, var = mean.reshape(shape), var.reshape(shape)
+        else:
+            L = self.draws if draws is None else draws
+            f = self.network.batched(antithetic_draws(self.belief, L, self.seed, -1), x)  # (L, *out)
+            mean, var = f.mean(0), f.var(0)
+        return mean, var + self.obs_noise**2
+
+    def _batch(self, x) -> int:
+        return next(iter(x.values())).shape[0] if isinstance(x, Mapping) else x.shape[0]
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor) -> KalmanGuide:
         """Sequential closed-form update with the samples ``(x_i, y_i)``, in order.
 
         Raises ``ValueError`` for bad input (shape, dtype, NaN/inf) and ``FloatingPointError`` if an
-        update produces a non-finite belief; in both cases the belief is left exactly as it was.
+        update produces a non-finite belief; in both cases, and on any interruption (``KeyboardInterrupt``
+        included), the belief, ``n_updates`` and ``guard_counts`` are left exactly as they were.
         """
         if self.transformer:
             x, n = self._check_seq_x(x)
@@ -392,30 +425,28 @@ class KalmanGuide(PyroModule):
             x = self._check_x(x)
             y = self._check_y(y, x.shape[0])
             n = x.shape[0]
-        snapshot = {k: v.clone() for k, v in self._buffers.items()}
+        snapshot = self.belief.snapshot()
         counts = self.guards.counts.copy()
         t0 = time.perf_counter()
         try:
             for i in range(n):  # samples are sequential by nature
+                self._in_batch = i
+                if self.process_noise > 0:
+                    self.belief.add_process_noise(self.process_noise)
                 if self.transformer:
-                    self._update_transformer(_take(x, i), y[i])
+                    self.engine.step(_take(x, i), y[i])
                 else:
-                    self._update_one(x[i], y[i])
-        except Exception:
-            for k, v in snapshot.items():
-                self._buffers[k].copy_(v)
-            self.guards.counts = counts
+                    self.engine.step(x[i], y[i])
+        except BaseException:
+            self.belief.restore(snapshot)
+            self.guards.counts.clear()
+            self.guards.counts.update(counts)
             raise
+        finally:
+            self._in_batch = 0
         self.n_updates += n
         self.update_seconds += time.perf_counter() - t0
         return self
-
-    def _add_process_noise(self) -> None:
-        if self.process_noise > 0:
-            for node in self._linears:
-                _, cov = self._belief(node)
-                q = self.process_noise * getattr(self, f"mask_{node.index}").to(cov.dtype)
-                cov += torch.diag_embed(q) if self.covariance == "block" else q
 
     def linearise(self, x) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Forward moments and statistical Jacobians of one transformer input (batch of 1).
@@ -427,129 +458,28 @@ class KalmanGuide(PyroModule):
         """
         if not self.transformer:
             raise ValueError("linearise is available for transformer models")
+        if not hasattr(self.belief, "rows"):
+            raise ValueError("linearise (the KBNN statistical Jacobian) needs covariance 'block' or 'diag'")
         x, n = self._check_seq_x(x)
         if n != 1:
             raise ValueError(f"linearise takes one input (batch of 1), got {n}")
-        nodes = self._linears
-        leaves = {node.module: self._belief(node)[0].detach().clone().requires_grad_(True) for node in nodes}
-        beliefs = {node.module: (leaves[node.module], self._belief(node)[1]) for node in nodes}
-        prop = Propagator(self._net, beliefs, mode=self.hidden, w_kind=self.covariance, observe=self.observe)
-        with torch.enable_grad(), validation(False):
-            out = prop.forward(x)  # mean (1, n_tok, d_out)
-            mu = out.mean.reshape(-1)  # (m,)
-            m = mu.shape[0]
-            if m == 1:  # the usual DT read-out; a plain backward pass (vmap costs +30-50% here: 24 vs 32-37 ms)
-                grads = [None if g is None else g[None]
-                         for g in torch.autograd.grad(mu[0], list(leaves.values()), allow_unused=True)]  # fmt: skip
-            else:  # every output's gradient in one batched backward pass (vmap over the rows of I_m)
-                grads = torch.autograd.grad(mu, list(leaves.values()), grad_outputs=torch.eye(m, dtype=mu.dtype),
-                                            is_grads_batched=True, allow_unused=True)  # fmt: skip
-        jacs = {
-            node.module: torch.zeros(m, *leaves[node.module].shape, dtype=mu.dtype) if g is None else g
-            for node, g in zip(nodes, grads, strict=True)
-        }  # (m, rows, p)
-        return mu.detach(), full_cov(out, prop.kind)[0], jacs
-
-    def _update_transformer(self, x, y: torch.Tensor) -> None:
-        """One sample: forward moments, then every weight row's Kalman update from the statistical
-        Jacobian of the observed outputs (:func:`~ppl_kbnn.kalman.weight_update`)."""
-        self._add_process_noise()
-        mu, S, jacs = self.linearise(x)
-        var = torch.diagonal(S)
-        if self.guards.var_floor > 0:
-            var = self.guards.floor(var)
-        S = S - torch.diag(torch.diagonal(S)) + torch.diag(var + self.obs_noise**2)  # + R
-        resid = y.reshape(-1) - mu
-        S_inv = torch.linalg.inv(S)  # once for every layer
-        new = {node.index: weight_update(*self._belief(node), jacs[node.module], S, resid, self.covariance,
-                                         S_inv=S_inv) for node in self._linears}  # fmt: skip
-        for index, (mean, cov) in new.items():
-            self._commit(index, mean, cov)
-
-    def _update_one(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self._add_process_noise()
-        if self.hidden == "full":
-            new = self._backward_full(x, y)
-        else:
-            new = self._backward_diag(x, y)
-        for index, (m, c) in new.items():
-            self._commit(index, m, c)
-
-    def _backward_diag(self, x: torch.Tensor, y: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """KBNN: filter at the output, then smoothing I/II with diagonal hidden states."""
-        mean, var, cache = self._forward_moments(x[None, :])  # (1, d_out)
-        filt_mean, filt_var = filter_step(mean, var, y[None, :], self.obs_noise**2)
-        d_mean, d_var = filt_mean - mean, filt_var - var
-        new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for node, in_var, out in reversed(cache):
-            if isinstance(node, _Activation):
-                d_mean, d_var_in = smooth_activation(d_mean, d_var, out.cov, out.cross, self.guards)
-            else:
-                dmw, dcw, d_mean, d_var_in = smooth_linear(
-                    d_mean, d_var, out.cov, out.w_cross, out.cross, self.guards, w_kind=self.covariance
-                )
-                w_mean, w_cov = self._belief(node)
-                new[node.index] = (w_mean + dmw, w_cov + dcw)
-                if d_mean is None:  # the network input: nothing further back
-                    break
-            d_var = self.guards.floor(in_var + d_var_in) - in_var
-        return new
-
-    def _backward_full(self, x: torch.Tensor, y: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Filter at the output, then vector RTS steps with full within-sample hidden covariances."""
-        mean, cov, cache = self._forward_moments(x[None, :])  # (1, d_out), (1, d_out, d_out)
-        filt_mean, filt_cov = filter_step_full(mean, cov, y[None, :], self.obs_noise**2)
-        d_mean, d_cov = filt_mean - mean, filt_cov - cov
-        new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for node, _in_cov, out in reversed(cache):
-            if isinstance(node, _Activation):
-                d_mean, d_cov = smooth_activation_full(d_mean, d_cov, out.cov, out.cross)
-            else:
-                dmw, dcw, d_mean, d_cov = smooth_linear_full(
-                    d_mean, d_cov, out.cov, out.w_cross, out.cross, w_kind=self.covariance
-                )
-                w_mean, w_cov = self._belief(node)
-                new[node.index] = (w_mean + dmw, w_cov + dcw)
-                if d_mean is None:
-                    break
-        return new
-
-    def _commit(self, index: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
-        if self.covariance == "block":
-            cov = 0.5 * (cov + cov.mT)
-            if self.guards.jitter > 0:
-                self.guards.counts["jitter"] += 1
-                mask = getattr(self, f"mask_{index}").to(cov.dtype)
-                cov = cov + torch.diag_embed(self.guards.jitter * mask)
-            if self.guards.psd_repair:
-                evals, evecs = torch.linalg.eigh(cov)
-                bad = (evals < 0).any(-1)
-                if bad.any():
-                    self.guards.counts["psd_repair"] += int(bad.sum())
-                    fixed = (evecs * evals.clamp_min(0)[..., None, :]) @ evecs.mT
-                    cov = torch.where(bad[:, None, None], fixed, cov)
-        else:
-            if self.guards.jitter > 0:
-                self.guards.counts["jitter"] += 1
-                cov = cov + self.guards.jitter * getattr(self, f"mask_{index}").to(cov.dtype)
-            if self.guards.psd_repair and (cov < 0).any():
-                self.guards.counts["psd_repair"] += int((cov < 0).sum())
-                cov = cov.clamp_min(0)
-        if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
-            raise FloatingPointError(f"the update of linear layer {index} produced a non-finite belief")
-        getattr(self, f"mean_{index}").copy_(mean)
-        getattr(self, f"cov_{index}").copy_(cov)
+        return self._moments.linearise(x)
 
     def posterior(self) -> dict[str, dist.Distribution]:
         """The belief as torch distributions, one per Bayesian site (marginal over the site).
 
         ``"block"``: weight rows are ``MultivariateNormal`` (batch ``d_out``, event ``d_in``) — the
-        joint over ``[W_n, b_n]`` is in the buffers; ``"diag"``: independent ``Normal``. Event shapes
-        equal the site shapes.
+        joint over ``[W_n, b_n]`` is in the belief; ``"diag"``, ``"full"``, ``"lowrank"``: independent
+        ``Normal`` marginals (the joint of ``"full"``/``"lowrank"`` is :meth:`joint_posterior`). Event
+        shapes equal the site shapes.
         """
         out: dict[str, dist.Distribution] = {}
+        if not hasattr(self.belief, "rows"):
+            means = self.belief.layout.split(self.belief.mean)
+            sds = self.belief.layout.split(self.belief.marginal_var().clamp_min(0).sqrt())
+            return {k: dist.Normal(means[k], sds[k]).to_event(means[k].dim()) for k in means}
         for node in self._linears:
-            mean, cov = self._belief(node)
+            mean, cov = self.belief.rows(node.index)
             d = node.d_in
             if node.weight_site is not None:
                 if self.covariance == "block":
@@ -561,14 +491,27 @@ class KalmanGuide(PyroModule):
                 out[node.bias_site] = dist.Normal(mean[:, d], var.sqrt()).to_event(1)
         return out
 
+    def joint_posterior(self) -> dist.Distribution:
+        """The belief over all Bayesian weights, flattened in model site order, as one distribution (event ``(D,)``)."""
+        return self.belief.joint_posterior()
+
     def forward(self, *args, **kwargs) -> None:
         """Pyro guide: sample every Bayesian site of the model from the belief (the joint, exactly).
 
         ``"block"``: with the Cholesky factor ``L`` of the ``[W_n, b_n]`` block, ``W_n ~ N(μ_w, L_ww L_wwᵀ)``
         and ``b_n | W_n ~ N(μ_b + L_bw L_ww⁻¹ (W_n - μ_w), L_bb²)``, which is the joint Gaussian.
+        ``"full"``/``"lowrank"``: one auxiliary draw of the flat weight vector, split into the sites
+        (``Delta`` sites carrying the joint log density), as Pyro's ``AutoContinuous`` guides do.
         """
+        if not hasattr(self.belief, "rows"):
+            joint = self.belief.joint_posterior()
+            theta = pyro.sample("_kalman_latent", joint, infer={"is_auxiliary": True})
+            log_density = joint.log_prob(theta)
+            for i, (site, value) in enumerate(self.belief.layout.split(theta).items()):
+                pyro.sample(site, dist.Delta(value, log_density if i == 0 else 0.0, event_dim=value.dim()))
+            return
         for node in self._linears:
-            mean, cov = self._belief(node)
+            mean, cov = self.belief.rows(node.index)
             d = node.d_in
             if self.covariance == "diag":
                 if node.weight_site is not None:
@@ -576,7 +519,7 @@ class KalmanGuide(PyroModule):
                 if node.bias_site is not None:
                     pyro.sample(node.bias_site, dist.Normal(mean[:, d], cov[:, d].sqrt()).to_event(1))
                 continue
-            idx = getattr(self, f"mask_{node.index}").any(0).nonzero().squeeze(-1)  # Bayesian entries
+            idx = getattr(self.belief, f"mask_{node.index}").any(0).nonzero().squeeze(-1)  # Bayesian entries
             L, info = torch.linalg.cholesky_ex(cov[:, idx][:, :, idx])
             if (info != 0).any():
                 raise ValueError(f"belief of layer {node.module!r} is not positive definite; cannot sample")
@@ -595,7 +538,8 @@ class KalmanGuide(PyroModule):
 
     def _signature(self) -> dict:
         return {
-            "covariance": self.covariance,
+            **self.belief.signature(),
+            "update": self.update_rule,
             "hidden": self.hidden,
             "obs_noise": self.obs_noise,
             "nodes": [

@@ -48,7 +48,8 @@ def test_linear_model_is_conjugate_bayesian_linear_regression_at_every_step(hidd
         prec = prec0 + Xb[: t + 1].T @ Xb[: t + 1] / r**2  # rows share the precision
         cov = torch.linalg.inv(prec)
         mean = (cov @ (prec0 @ mu0.T + Xb[: t + 1].T @ Y[: t + 1] / r**2)).T
-        worst = max(worst, (guide.mean_0 - mean).abs().max().item(), (guide.cov_0 - cov).abs().max().item())
+        g_mean, g_cov = guide.layer("")
+        worst = max(worst, (g_mean - mean).abs().max().item(), (g_cov - cov).abs().max().item())
     assert worst <= 1e-10, worst
 
 
@@ -68,7 +69,8 @@ def test_linear_model_with_process_noise_is_the_kalman_filter(gen):
         info = torch.linalg.inv(P) + torch.outer(h, h) / r**2
         m_new = torch.linalg.solve(info, torch.linalg.solve(P, m) + h * Y[t, 0] / r**2)
         P, m = torch.linalg.inv(info), m_new
-        worst = max(worst, (guide.mean_0[0] - m).abs().max().item(), (guide.cov_0[0] - P).abs().max().item())
+        g_mean, g_cov = guide.layer("")
+        worst = max(worst, (g_mean[0] - m).abs().max().item(), (g_cov[0] - P).abs().max().item())
     assert worst <= 1e-10, worst
 
 
@@ -125,14 +127,15 @@ def test_repeated_sample_shrinks_variance_monotonically_and_fixed_entries_never_
     model = pk.BayesianModel(net, prior_scale=0.3, obs_noise=0.1, bayesian=lambda n: not n.startswith("0.bias"))
     guide = pk.KalmanGuide(model)
     x, y = torch.randn(2, generator=gen), torch.tensor([1.0])
-    fixed_bias = guide.mean_0[:, 2].clone()
+    fixed_bias = guide.layer("0")[0][:, 2].clone()
     last = guide.predict(x)[1]
     for _ in range(10):
         guide.update(x, y)
         v = guide.predict(x)[1]
         assert v < last
         last = v
-    assert torch.equal(guide.mean_0[:, 2], fixed_bias) and torch.count_nonzero(guide.cov_0[:, 2, :]) == 0
+    mean0, cov0 = guide.layer("0")
+    assert torch.equal(mean0[:, 2], fixed_bias) and torch.count_nonzero(cov0[:, 2, :]) == 0
     assert "net.0.bias" not in guide.posterior()
 
 
@@ -142,8 +145,9 @@ def test_hidden_full_equals_diag_when_hidden_states_are_independent(gen):
     X, Y = stream(30, 2, 1, gen)
     a = pk.KalmanGuide(model, hidden="diag").update(X, Y)
     b = pk.KalmanGuide(model, hidden="full").update(X, Y)
-    for k in ("mean_0", "cov_0", "mean_1", "cov_1"):
-        torch.testing.assert_close(getattr(a, k), getattr(b, k), rtol=1e-9, atol=1e-12)
+    for (ma, ca), (mb, cb) in zip(a.beliefs().values(), b.beliefs().values(), strict=True):
+        torch.testing.assert_close(ma, mb, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ca, cb, rtol=1e-9, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------- Pyro integration
@@ -159,8 +163,9 @@ def test_guide_samples_the_belief_jointly(covariance, gen):
         torch.zeros(1, 2)
     )
     rows = torch.cat([draws["net.0.weight"].reshape(6000, 3, 2), draws["net.0.bias"].reshape(6000, 3, 1)], -1)
-    assert mc_mean(rows, guide.mean_0).max_z < 4
-    cov = guide.cov_0 if covariance == "block" else torch.diag_embed(guide.cov_0)
+    mean0, cov0 = guide.layer("0")
+    assert mc_mean(rows, mean0).max_z < 4
+    cov = cov0 if covariance == "block" else torch.diag_embed(cov0)
     assert mc_cov(rows, rows, cov).max_z < 4
     post = guide.posterior()
     assert post["net.0.weight"].event_shape == (3, 2) and post["net.0.bias"].event_shape == (3,)
@@ -177,8 +182,7 @@ def test_covariances_stay_symmetric_psd_over_10000_noisy_updates(gen):
     X = torch.randn(10_000, 2, generator=gen)
     Y = torch.sin(X.sum(1, keepdim=True)) + 0.5 * torch.randn(10_000, 1, generator=gen)
     guide.update(X, Y)
-    for k in ("cov_0", "cov_1"):
-        C = getattr(guide, k)
+    for _, C in guide.beliefs().values():
         assert torch.equal(C, C.mT)
         assert torch.linalg.eigvalsh(C).min() >= -1e-12 * C.abs().max()
     assert guide.n_updates == 10_000
@@ -219,6 +223,8 @@ def test_unsupported_modules_are_rejected_by_name():
     with pytest.raises(ValueError, match="approximate='tanh'"):
         pk.KalmanGuide(pk.BayesianModel(net, 0.1, 0.1))
     with pytest.raises(ValueError, match="covariance must be"):
+        pk.KalmanGuide(pk.BayesianModel(mlp(), 0.1, 0.1), covariance="dense")
+    with pytest.raises(ValueError, match=r"does not support covariance='full'; supported: \['block', 'diag'\]"):
         pk.KalmanGuide(pk.BayesianModel(mlp(), 0.1, 0.1), covariance="full")
 
 
@@ -255,4 +261,4 @@ def test_state_dict_round_trip_and_structure_check(gen):
     with pytest.raises(ValueError, match="covariance"):
         pk.KalmanGuide(model, covariance="diag").load_state_dict(guide.state_dict())
     with pytest.raises(ValueError, match="not a KalmanGuide state dict"):
-        fresh.load_state_dict({"mean_0": guide.mean_0})
+        fresh.load_state_dict({"belief.mean_0": guide.layer("0")[0]})

@@ -70,11 +70,10 @@ def test_best_block_diagonal_gaussian_cannot_reach_factor_two(problem):
     """The structural limit: moment-match per-neuron blocks to the NUTS draws, predict in closed form."""
     model, _, _, Xt, samples, _, nuts_mean, nuts_std = problem
     oracle = pk.KalmanGuide(model, covariance="block")
-    for node in oracle._linears:
-        rows = torch.cat([samples[node.weight_site], samples[node.bias_site][..., None]], -1)  # (S, n, p)
+    for name in oracle.beliefs():
+        rows = torch.cat([samples[f"net.{name}.weight"], samples[f"net.{name}.bias"][..., None]], -1)  # (S, n, p)
         centred = rows - rows.mean(0)
-        getattr(oracle, f"mean_{node.index}").copy_(rows.mean(0))
-        getattr(oracle, f"cov_{node.index}").copy_(torch.einsum("snp,snq->npq", centred, centred) / (len(rows) - 1))
+        oracle.set_layer(name, rows.mean(0), torch.einsum("snp,snq->npq", centred, centred) / (len(rows) - 1))
     mean, var = oracle.predict(Xt)
     assert ((mean[:, 0] - nuts_mean).abs() / nuts_std).max() < 0.5  # the mean is representable
     assert (var[:, 0].sqrt() / nuts_std).max() > 2.0  # the std is not

@@ -2,6 +2,7 @@
 
 from .guards import Guards
 from .steps import (
+    cross_update,
     filter_step,
     filter_step_full,
     smooth_activation,
@@ -13,6 +14,7 @@ from .steps import (
 
 __all__ = [
     "Guards",
+    "cross_update",
     "filter_step",
     "filter_step_full",
     "smooth_activation",

@@ -199,6 +199,26 @@ def weight_update(
         c = torch.einsum("npq,knq->npk", cov, jac)  # (n, p, m)
     else:
         c = cov[..., None] * jac.permute(1, 2, 0)  # (n, p, m)
+    return cross_update(mean, cov, c, S, resid, w_kind, S_inv=S_inv)
+
+
+def cross_update(
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    c: torch.Tensor,
+    S: torch.Tensor,
+    resid: torch.Tensor,
+    w_kind: str,
+    *,
+    S_inv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Kalman update of one layer's weight rows from their cross-covariance with the observation.
+
+    .. math:: K_n = c_n S^{-1}, \qquad \mu_n^+ = \mu_n + K_n r, \qquad C_n^+ = C_n - K_n c_n^\top
+
+    with ``c_n = Cov(w_n, y)`` ``(n, p, m)`` (from a Jacobian, :func:`weight_update`, or from draws: statistical
+    linear regression). Rows stay independent; ``"diag"`` keeps the diagonal of ``C_n^+``.
+    """
     K = c @ S_inv if S_inv is not None else torch.linalg.solve(S, c.mT).mT  # c S⁻¹ (S symmetric): (n, p, m)
     new_mean = mean + K @ resid
     if w_kind == "block":

@@ -1,0 +1,554 @@
+r"""Gaussian weight beliefs: one class per covariance structure, behind one interface.
+
+A belief is a Gaussian ``N(μ, P)`` over the vector ``θ`` of all Bayesian weights of a
+:class:`~ppl_kbnn.model.BayesianModel` (its sites concatenated in model order, each flattened
+row-major: the *flat layout*, ``D`` numbers). The structures differ in what they keep of ``P``:
+
+=============  =========================================================  ==================
+``key``        ``P``                                                      numbers held
+=============  =========================================================  ==================
+``"diag"``     diagonal                                                   ``2 D``
+``"block"``    one full block per output neuron over ``[W_n, b_n]``       ``Σ_l n_l p_l (p_l + 1)``
+               (KBNN); neurons and layers independent
+``"full"``     dense ``D × D`` (the reference for small networks)         ``D (D + 1)``
+``"lowrank"``  **precision** ``Λ = P⁻¹ = diag(υ) + W Wᵀ``, ``W`` ``(D, r)``  ``D (r + 2)``
+               (LoFi form)
+=============  =========================================================  ==================
+
+Every update rule talks to a belief through the same linear-Gaussian step. With ``J`` ``(m, D)`` the
+(statistical) Jacobian of ``m`` observed outputs, ``c = P Jᵀ = Cov(θ, y)`` ``(D, m)`` (:meth:`Belief.cov_jac`)
+and ``S`` the innovation covariance, :meth:`Belief.condition` applies
+
+.. math:: K = c S^{-1}, \qquad \mu^+ = \mu + K r, \qquad P^+ = P - K c^\top ,
+
+keeping what the structure holds of ``P^+`` (its diagonal, its blocks, all of it). The low-rank belief
+updates its precision instead (information form, exact before truncation):
+
+.. math:: \Lambda^+ = \Lambda + J^\top R^{-1} J = \mathrm{diag}(\upsilon) + \tilde W \tilde W^\top, \qquad
+          \tilde W = [\,W,\ J^\top L_R^{-\top}\,],\ R = L_R L_R^\top ,
+
+then truncates ``W̃`` ``(D, r + m)`` back to rank ``r``: with the eigen-decomposition ``W̃ᵀW̃ = V diag(λ) Vᵀ``,
+``W⁺ = W̃ V_{:r}`` (the ``r`` leading directions) and the discarded part's diagonal is kept,
+``υ⁺ = υ + rowsum((W̃ V_{r:})²)``, so the precision's diagonal stays exact (LoFi, Chang et al. 2023). The
+mean uses the untruncated posterior (Kalman form with the predicted ``P``). Covariance products use
+Woodbury: ``P = Υ⁻¹ - Υ⁻¹ W (I_r + Wᵀ Υ⁻¹ W)⁻¹ Wᵀ Υ⁻¹``.
+
+Structures are registered by ``key`` in :data:`BELIEFS`; nothing outside this module branches on the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .kalman import Guards, cross_update
+
+__all__ = ["BELIEFS", "Belief", "BlockBelief", "DiagBelief", "FullBelief", "Layout", "LowRankBelief"]
+
+
+@dataclass(frozen=True)
+class LinearSlot:
+    """A linear map of the network: its rows ``[W_n, b_n]`` ``(d_out, p)`` and where its Bayesian entries sit
+    in the flat layout."""
+
+    module: str  # module name inside model.net
+    index: int  # layer number among the Bayesian linear maps
+    d_in: int
+    d_out: int
+    bias: bool
+    weight_site: str | None
+    bias_site: str | None
+
+
+class Layout:
+    """The flat layout of the Bayesian weights and its map onto the linear maps' ``(d_out, p)`` rows.
+
+    Attributes:
+        sites: ``[(name, shape)]`` in model order; ``offsets[name]`` their start in ``θ``; ``dim`` = ``D``.
+        slots: the linear maps (:class:`LinearSlot`); ``index[l]`` ``(d_out, p)`` the flat position of every
+            row entry of map ``l`` (``-1`` for a fixed entry), ``mask[l] = index[l] >= 0``.
+    """
+
+    def __init__(self, priors: dict[str, tuple[torch.Tensor, torch.Tensor]], slots: Sequence[LinearSlot]) -> None:
+        self.sites = [(name, tuple(loc.shape)) for name, (loc, _) in priors.items()]
+        self.offsets: dict[str, int] = {}
+        off = 0
+        for name, shape in self.sites:
+            self.offsets[name] = off
+            off += int(torch.Size(shape).numel())
+        self.dim = off
+        self.slots = list(slots)
+        self.index: list[torch.Tensor] = []
+        for s in self.slots:
+            idx = torch.full((s.d_out, s.d_in + int(s.bias)), -1, dtype=torch.long)
+            if s.weight_site is not None:
+                o = self.offsets[s.weight_site]
+                idx[:, : s.d_in] = torch.arange(o, o + s.d_out * s.d_in).reshape(s.d_out, s.d_in)
+            if s.bias_site is not None:
+                o = self.offsets[s.bias_site]
+                idx[:, s.d_in] = torch.arange(o, o + s.d_out)
+            self.index.append(idx)
+        covered = sum(int((i >= 0).sum()) for i in self.index)
+        self.covers_all = covered == self.dim  # every Bayesian weight sits in a linear map
+
+    def split(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``θ`` ``(..., D)`` -> ``{site: (..., *shape)}``."""
+        out, lead = {}, theta.shape[:-1]
+        for name, shape in self.sites:
+            o = self.offsets[name]
+            n = int(torch.Size(shape).numel())
+            out[name] = theta[..., o : o + n].reshape(*lead, *shape)
+        return out
+
+    def gather(self, flat: torch.Tensor, layer: int) -> torch.Tensor:
+        """Rows of map ``layer`` from a flat ``(D, ...)`` tensor: ``(d_out, p, ...)``, zero at fixed entries."""
+        idx = self.index[layer].to(flat.device)
+        out = flat[idx.clamp_min(0)]
+        mask = (idx >= 0).reshape(*idx.shape, *([1] * (flat.dim() - 1)))
+        return out * mask.to(out.dtype)
+
+    def scatter(self, rows: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """A flat ``(D, ...)`` tensor from every map's ``(d_out, p, ...)`` rows (fixed entries dropped)."""
+        out = torch.zeros(self.dim, *rows[0].shape[2:], dtype=like.dtype, device=like.device)
+        for idx, r in zip(self.index, rows, strict=True):
+            m = idx >= 0
+            out[idx[m].to(like.device)] = r[m.to(r.device)]
+        return out
+
+
+class Belief(nn.Module):
+    """A Gaussian belief over the flat Bayesian weights (module docstring). Subclasses set ``key`` and implement
+    the structure-specific steps; buffers hold the state, so ``state_dict`` and ``.to()`` work."""
+
+    key: ClassVar[str]
+    joint: ClassVar[bool] = False  # whether the belief correlates different layers / neurons
+
+    def __init__(self, layout: Layout, loc: torch.Tensor, var: torch.Tensor, guards: Guards) -> None:
+        super().__init__()
+        self.layout, self.guards = layout, guards
+
+    # -- views -----------------------------------------------------------------------------------
+    @property
+    def mean(self) -> torch.Tensor:
+        """``μ`` ``(D,)``."""
+        raise NotImplementedError
+
+    def marginal_var(self) -> torch.Tensor:
+        """``diag(P)`` ``(D,)``."""
+        raise NotImplementedError
+
+    def dense_cov(self) -> torch.Tensor:
+        """``P`` ``(D, D)`` (dense; for small networks and checks)."""
+        raise NotImplementedError
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map ``index``'s rows: mean ``(d_out, p)`` and the per-row covariance blocks ``(d_out, p, p)`` (the
+        marginal blocks of ``P``; diagonal structures give ``(d_out, p)``)."""
+        P = self.dense_cov()
+        idx, mask = self.layout.index[index], self.layout.index[index] >= 0
+        c = idx.clamp_min(0)
+        block = P[c[:, :, None], c[:, None, :]] * (mask[:, :, None] & mask[:, None, :]).to(P.dtype)
+        return self.layout.gather(self.mean, index), block
+
+    # -- the linear-Gaussian step -----------------------------------------------------------------
+    def cov_jac(self, J: torch.Tensor) -> torch.Tensor:
+        """``P Jᵀ`` ``(D, m)`` for ``J`` ``(m, D)``."""
+        raise NotImplementedError
+
+    def condition(
+        self, c: torch.Tensor, S: torch.Tensor, resid: torch.Tensor, *, J: torch.Tensor | None = None,
+        R: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """Kalman step with ``c = Cov(θ, y)`` ``(D, m)``, innovation covariance ``S`` ``(m, m)`` and residual
+        ``r`` ``(m,)``. ``J``/``R`` (the Jacobian and noise of a linearised observation) are used by
+        information-form beliefs; covariance-form beliefs need only ``c`` and ``S``."""
+        raise NotImplementedError
+
+    def add_process_noise(self, q: float) -> None:
+        """Random-walk drift: ``P ← P + q I`` on the Bayesian entries."""
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws ``(n, D)``."""
+        raise NotImplementedError
+
+    # -- distributions, size, identity ------------------------------------------------------------
+    def joint_posterior(self) -> dist.Distribution:
+        """The belief over the flat weights as one torch distribution (event ``(D,)``)."""
+        return dist.MultivariateNormal(self.mean, self.dense_cov())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the state (means, covariances / precision factors), not counting masks."""
+        return sum(t.numel() * t.element_size() for name, t in self.named_buffers() if not name.startswith("mask"))
+
+    def signature(self) -> dict:
+        """Settings that a checkpoint must share with the belief it is loaded into."""
+        return {"covariance": self.key}
+
+    def snapshot(self) -> dict:
+        """A copy of the whole state (buffers and counters), for :meth:`restore`."""
+        return {"buffers": {k: v.clone() for k, v in self.named_buffers()}, "attrs": dict(self._counters())}
+
+    def restore(self, snap: dict) -> None:
+        """Put back a :meth:`snapshot` in place (nothing else changes)."""
+        bufs = dict(self.named_buffers())
+        for k, v in snap["buffers"].items():
+            bufs[k].copy_(v)
+        for k, v in snap["attrs"].items():
+            setattr(self, k, v)
+
+    def _counters(self) -> dict:
+        return {}
+
+    def _check_finite(self, what: str, *tensors: torch.Tensor) -> None:
+        if not all(torch.isfinite(t).all() for t in tensors):
+            raise FloatingPointError(f"the update of {what} produced a non-finite belief")
+
+
+# ------------------------------------------------------------------------------------------------- per-row beliefs
+
+
+class _RowBelief(Belief):
+    """Beliefs stored per linear map, ``mean_l`` ``(d_out, p)`` and ``cov_l`` (``"block"``: ``(d_out, p, p)``,
+    ``"diag"``: ``(d_out, p)``), fixed entries at zero variance (``mask_l``). The KBNN engines read these
+    directly."""
+
+    w_kind: ClassVar[str]
+
+    def __init__(self, layout: Layout, loc: torch.Tensor, var: torch.Tensor, guards: Guards, *,
+                 fixed: Sequence[torch.Tensor] = (), **_) -> None:  # fmt: skip
+        super().__init__(layout, loc, var, guards)
+        if not layout.covers_all:
+            raise ValueError(f"covariance={self.key!r} holds Linear weights only; use 'full' or 'lowrank' for other "
+                             "Bayesian parameters")  # fmt: skip
+        for slot, idx, f in zip(layout.slots, layout.index, fixed, strict=True):
+            mask = idx >= 0
+            mean = torch.where(mask, loc[idx.clamp_min(0)], f)
+            v = torch.where(mask, var[idx.clamp_min(0)], torch.zeros_like(f))
+            self.register_buffer(f"mean_{slot.index}", mean.clone())
+            self.register_buffer(f"cov_{slot.index}", (torch.diag_embed(v) if self.w_kind == "block" else v).clone())
+            self.register_buffer(f"mask_{slot.index}", mask)
+
+    def rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"mean_{index}"), getattr(self, f"cov_{index}")
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows(index)
+
+    def set_layer(self, index: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        """Replace map ``index``'s rows (validated: shapes, finite, symmetric PSD blocks); fixed entries must
+        keep their values and zero variance."""
+        m0, c0 = self.rows(index)
+        if mean.shape != m0.shape or cov.shape != c0.shape:
+            raise ValueError(f"set_layer({index}): expected mean {tuple(m0.shape)} and cov {tuple(c0.shape)}, got "
+                             f"{tuple(mean.shape)} and {tuple(cov.shape)}")  # fmt: skip
+        if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
+            raise ValueError(f"set_layer({index}): non-finite values")
+        var = torch.diagonal(cov, dim1=-2, dim2=-1) if self.w_kind == "block" else cov
+        if (var < 0).any() or (self.w_kind == "block" and not torch.allclose(cov, cov.mT)):
+            raise ValueError(f"set_layer({index}): covariance is not symmetric positive semi-definite")
+        self._commit(index, mean.to(m0), cov.to(c0))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.layout.scatter([self.rows(s.index)[0] for s in self.layout.slots], self.mean_0)
+
+    def marginal_var(self) -> torch.Tensor:
+        vs = [self._row_var(self.rows(s.index)[1]) for s in self.layout.slots]
+        return self.layout.scatter(vs, self.mean_0)
+
+    def _row_var(self, cov: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _row_cov_jac(self, cov: torch.Tensor, jac: torch.Tensor) -> torch.Tensor:
+        """``C_n g_n`` ``(n, p, m)`` for ``jac`` ``(m, n, p)``."""
+        raise NotImplementedError
+
+    def cov_jac(self, J: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for s in self.layout.slots:
+            jac = self.layout.gather(J.mT, s.index).permute(2, 0, 1)  # (m, n, p)
+            rows.append(self._row_cov_jac(self.rows(s.index)[1], jac))
+        return self.layout.scatter(rows, J)
+
+    def condition(self, c, S, resid, *, J=None, R=None) -> None:  # noqa: D102
+        S_inv = torch.linalg.inv(S)  # once for every layer
+        new = {}
+        for s in self.layout.slots:
+            mean, cov = self.rows(s.index)
+            new[s.index] = cross_update(mean, cov, self.layout.gather(c, s.index), S, resid, self.w_kind, S_inv=S_inv)
+        for index, (mean, cov) in new.items():
+            self._commit(index, mean, cov)
+
+    def update_rows(self, new: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Commit new ``{layer: (mean, cov)}`` rows computed by an engine (guards applied, finite checked)."""
+        for index, (mean, cov) in new.items():
+            self._commit(index, mean, cov)
+
+    def add_process_noise(self, q: float) -> None:
+        for s in self.layout.slots:
+            _, cov = self.rows(s.index)
+            v = q * getattr(self, f"mask_{s.index}").to(cov.dtype)
+            cov += torch.diag_embed(v) if self.w_kind == "block" else v
+
+    def _commit(self, index: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class BlockBelief(_RowBelief):
+    """Per-neuron full covariance over ``[W_n, b_n]`` (KBNN's belief); rows and layers independent."""
+
+    key = "block"
+    w_kind = "block"
+
+    def _row_var(self, cov):
+        return torch.diagonal(cov, dim1=-2, dim2=-1)
+
+    def _row_cov_jac(self, cov, jac):
+        return torch.einsum("npq,knq->npk", cov, jac)
+
+    def dense_cov(self) -> torch.Tensor:
+        P = torch.zeros(self.layout.dim, self.layout.dim, dtype=self.mean_0.dtype, device=self.mean_0.device)
+        for s, idx in zip(self.layout.slots, self.layout.index, strict=True):
+            cov = self.rows(s.index)[1]
+            m = idx >= 0
+            for n in range(idx.shape[0]):  # rows are independent blocks; small networks only
+                i = idx[n][m[n]].to(P.device)
+                P[i[:, None], i[None, :]] = cov[n][m[n]][:, m[n]]
+        return P
+
+    def _commit(self, index, mean, cov):
+        cov = 0.5 * (cov + cov.mT)
+        g = self.guards
+        if g.jitter > 0:
+            g.counts["jitter"] += 1
+            cov = cov + torch.diag_embed(g.jitter * getattr(self, f"mask_{index}").to(cov.dtype))
+        if g.psd_repair:
+            evals, evecs = torch.linalg.eigh(cov)
+            bad = (evals < 0).any(-1)
+            if bad.any():
+                g.counts["psd_repair"] += int(bad.sum())
+                fixed = (evecs * evals.clamp_min(0)[..., None, :]) @ evecs.mT
+                cov = torch.where(bad[:, None, None], fixed, cov)
+        self._check_finite(f"linear layer {index}", mean, cov)
+        getattr(self, f"mean_{index}").copy_(mean)
+        getattr(self, f"cov_{index}").copy_(cov)
+
+    def sample(self, n, generator=None):
+        rows = []
+        for s in self.layout.slots:
+            mean, cov = self.rows(s.index)
+            evals, evecs = torch.linalg.eigh(cov)  # fixed entries: zero variance, eigen root handles them
+            root = evecs * evals.clamp_min(0).sqrt()[..., None, :]
+            z = torch.randn(n, *mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            rows.append((mean + torch.einsum("npq,snq->snp", root, z)).permute(1, 2, 0))  # (d_out, p, n)
+        return self.layout.scatter(rows, self.mean_0).T
+
+
+class DiagBelief(_RowBelief):
+    """Independent weights: a variance per entry."""
+
+    key = "diag"
+    w_kind = "diag"
+
+    def _row_var(self, cov):
+        return cov
+
+    def _row_cov_jac(self, cov, jac):
+        return cov[..., None] * jac.permute(1, 2, 0)
+
+    def dense_cov(self) -> torch.Tensor:
+        return torch.diag(self.marginal_var())
+
+    def cov_jac(self, J):
+        return self.marginal_var()[:, None] * J.mT
+
+    def _commit(self, index, mean, cov):
+        g = self.guards
+        if g.jitter > 0:
+            g.counts["jitter"] += 1
+            cov = cov + g.jitter * getattr(self, f"mask_{index}").to(cov.dtype)
+        if g.psd_repair and (cov < 0).any():
+            g.counts["psd_repair"] += int((cov < 0).sum())
+            cov = cov.clamp_min(0)
+        self._check_finite(f"linear layer {index}", mean, cov)
+        getattr(self, f"mean_{index}").copy_(mean)
+        getattr(self, f"cov_{index}").copy_(cov)
+
+    def sample(self, n, generator=None):
+        mu, sd = self.mean, self.marginal_var().clamp_min(0).sqrt()
+        return mu + sd * torch.randn(n, mu.shape[0], generator=generator, dtype=mu.dtype, device=mu.device)
+
+
+# ------------------------------------------------------------------------------------------------- joint beliefs
+
+
+class FullBelief(Belief):
+    """One dense covariance over every Bayesian weight: cross-layer and cross-neuron correlations kept."""
+
+    key = "full"
+    joint = True
+
+    def __init__(self, layout, loc, var, guards, **_) -> None:
+        super().__init__(layout, loc, var, guards)
+        self.register_buffer("loc", loc.clone())
+        self.register_buffer("cov", torch.diag(var))
+
+    @property
+    def mean(self):
+        return self.loc
+
+    def marginal_var(self):
+        return torch.diagonal(self.cov)
+
+    def dense_cov(self):
+        return self.cov
+
+    def cov_jac(self, J):
+        return self.cov @ J.mT
+
+    def condition(self, c, S, resid, *, J=None, R=None) -> None:  # noqa: D102
+        K = torch.linalg.solve(S, c.mT).mT  # c S⁻¹: (D, m)
+        mean, cov = self.loc + K @ resid, self.cov - K @ c.mT
+        cov = 0.5 * (cov + cov.mT)
+        g = self.guards
+        if g.jitter > 0:
+            g.counts["jitter"] += 1
+            cov = cov + g.jitter * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        if g.psd_repair:
+            evals, evecs = torch.linalg.eigh(cov)
+            if (evals < 0).any():
+                g.counts["psd_repair"] += 1
+                cov = (evecs * evals.clamp_min(0)) @ evecs.mT
+        self._check_finite("the full covariance", mean, cov)
+        self.loc.copy_(mean)
+        self.cov.copy_(cov)
+
+    def add_process_noise(self, q):
+        self.cov.diagonal().add_(q)
+
+    def sample(self, n, generator=None):
+        evals, evecs = torch.linalg.eigh(self.cov)
+        root = evecs * evals.clamp_min(0).sqrt()
+        z = torch.randn(n, self.loc.shape[0], generator=generator, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + z @ root.mT
+
+
+class LowRankBelief(Belief):
+    """Diagonal-plus-rank-``r`` **precision** ``Λ = diag(υ) + W Wᵀ`` (LoFi form; module docstring).
+
+    A low-rank *covariance* (diag + PCA factors) cannot shrink the variance along the many directions the data
+    pin down; a low-rank *precision* can: each observation adds its information ``Jᵀ R⁻¹ J`` as new columns of
+    ``W``, and truncation keeps the ``r`` strongest directions and moves the rest onto the diagonal.
+    """
+
+    key = "lowrank"
+    joint = True
+    DEFAULT_RANK: ClassVar[int] = 10
+
+    def __init__(self, layout, loc, var, guards, *, rank: int | None = None, **_) -> None:
+        super().__init__(layout, loc, var, guards)
+        rank = self.DEFAULT_RANK if rank is None else rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if guards.jitter > 0 or guards.psd_repair:
+            raise ValueError("covariance='lowrank' is PSD by construction: jitter and psd_repair do not apply")
+        self.rank = rank
+        self.register_buffer("loc", loc.clone())
+        self.register_buffer("prec_diag", 1.0 / var)  # υ (D,)
+        self.register_buffer("prec_factor", torch.zeros(loc.shape[0], rank, dtype=loc.dtype, device=loc.device))
+        self.n_truncations = 0  # updates that discarded a non-zero part of W̃
+
+    @property
+    def mean(self):
+        return self.loc
+
+    def _woodbury(self, W: torch.Tensor, ups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Υ⁻¹ W L⁻ᵀ, Υ⁻¹)`` with ``L Lᵀ = I + Wᵀ Υ⁻¹ W``, so that ``P = Υ⁻¹ - B Bᵀ``."""
+        inv = 1.0 / ups  # (D,)
+        UW = inv[:, None] * W  # Υ⁻¹ W: (D, k)
+        M = torch.eye(W.shape[1], dtype=W.dtype, device=W.device) + W.mT @ UW  # (k, k)
+        L = torch.linalg.cholesky(M)
+        B = torch.linalg.solve_triangular(L, UW.mT, upper=False).mT  # (D, k)
+        return B, inv
+
+    def _cov_times(self, V: torch.Tensor, W: torch.Tensor | None = None, ups: torch.Tensor | None = None):
+        """``P V`` for ``V`` ``(D, k)``."""
+        B, inv = self._woodbury(self.prec_factor if W is None else W, self.prec_diag if ups is None else ups)
+        return inv[:, None] * V - B @ (B.mT @ V)
+
+    def marginal_var(self):
+        B, inv = self._woodbury(self.prec_factor, self.prec_diag)
+        return inv - (B * B).sum(-1)
+
+    def dense_cov(self):
+        B, inv = self._woodbury(self.prec_factor, self.prec_diag)
+        return torch.diag(inv) - B @ B.mT
+
+    def precision(self) -> torch.Tensor:
+        """``Λ`` ``(D, D)`` (dense)."""
+        return torch.diag(self.prec_diag) + self.prec_factor @ self.prec_factor.mT
+
+    def cov_jac(self, J):
+        return self._cov_times(J.mT)
+
+    def condition(self, c, S, resid, *, J=None, R=None) -> None:  # noqa: D102
+        if J is None:  # statistical linear regression: A = cᵀ Λ, effective noise R = S - A c (module docstring)
+            J = (self.prec_diag[:, None] * c + self.prec_factor @ (self.prec_factor.mT @ c)).mT  # (m, D)
+            R = S - J @ c
+            R = 0.5 * (R + R.mT)
+            evals, evecs = torch.linalg.eigh(R)
+            R = (evecs * evals.clamp_min(1e-12 * evals.abs().max())) @ evecs.mT  # MC noise can make it indefinite
+        mean = self.loc + c @ torch.linalg.solve(S, resid)  # untruncated posterior mean (Kalman form)
+        L = torch.linalg.cholesky(R)
+        Jt = torch.linalg.solve_triangular(L, J, upper=False)  # L⁻¹ J: (m, D)
+        Wt = torch.cat([self.prec_factor, Jt.mT], dim=1)  # W̃ (D, r + m)
+        lam, V = torch.linalg.eigh(Wt.mT @ Wt)  # ascending
+        V = V.flip(-1)
+        keep = Wt @ V[:, : self.rank]
+        drop = Wt @ V[:, self.rank :]
+        ups = self.prec_diag + (drop * drop).sum(-1)
+        if keep.shape[1] < self.rank:  # D < r: pad
+            keep = torch.cat([keep, keep.new_zeros(keep.shape[0], self.rank - keep.shape[1])], 1)
+        if lam.flip(-1)[self.rank :].abs().max(initial=0.0) > 1e-12 * lam.abs().max():
+            self.n_truncations += 1
+        self._check_finite("the low-rank belief", mean, keep, ups)
+        self.loc.copy_(mean)
+        self.prec_factor.copy_(keep)
+        self.prec_diag.copy_(ups)
+
+    def add_process_noise(self, q):
+        raise ValueError("process_noise > 0 is not supported with covariance='lowrank'; supported: 'diag', 'block', "
+                         "'full'")  # fmt: skip
+
+    def sample(self, n, generator=None):
+        D = self.loc.shape[0]
+        z1 = torch.randn(n, D, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
+        z2 = torch.randn(n, self.rank, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
+        u = z1 * self.prec_diag.sqrt() + z2 @ self.prec_factor.mT  # ~ N(0, Λ)
+        return self.loc + self._cov_times(u.mT).mT  # P u ~ N(0, P Λ P) = N(0, P)
+
+    def joint_posterior(self):
+        return dist.MultivariateNormal(self.loc, precision_matrix=self.precision())
+
+    def signature(self):
+        return {"covariance": self.key, "rank": self.rank}
+
+    def _counters(self) -> dict:
+        return {"n_truncations": self.n_truncations}
+
+    def get_extra_state(self) -> dict:
+        return self._counters()
+
+    def set_extra_state(self, state: dict) -> None:
+        self.n_truncations = int(state.get("n_truncations", 0))
+
+
+BELIEFS: dict[str, type[Belief]] = {c.key: c for c in (DiagBelief, BlockBelief, FullBelief, LowRankBelief)}
+"""Registry of belief structures by ``covariance=`` key."""
