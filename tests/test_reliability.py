@@ -156,9 +156,17 @@ def test_process_noise_must_be_a_finite_non_negative_number(bad):
     ("kwargs", "name"),
     [
         ({"covariance": 1}, "covariance"),
+        ({"covariance": ["block"]}, "covariance"),
         ({"covariance": "full"}, "covariance"),
+        ({"update": None}, "update"),
         ({"hidden": ["diag"]}, "hidden"),
         ({"hidden": "token"}, "hidden"),
+        ({"seed": "1"}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"covariance": "lowrank", "update": "ekf", "rank": 0}, "rank"),
+        ({"covariance": "lowrank", "update": "ekf", "rank": 2.0}, "rank"),
+        ({"update": "slr", "draws": 3}, "draws"),
+        ({"update": "slr", "draws": "100"}, "draws"),
     ],
 )
 def test_guide_choices_are_checked_by_name(kwargs, name):
@@ -351,24 +359,24 @@ def test_checkpoint_round_trip_continues_bit_identically():
             assert torch.equal(a, b), k
 
 
-def _neg(sd, k="cov_0"):
+def _neg(sd, k="belief.cov_0"):
     sd[k] = -sd[k]
 
 
-def _nan(sd, k="cov_0"):
+def _nan(sd, k="belief.cov_0"):
     sd[k] = sd[k].clone()
     sd[k].view(-1)[0] = NAN
 
 
 def _inf_mean(sd):
-    sd["mean_1"] = sd["mean_1"].clone()
-    sd["mean_1"].view(-1)[0] = INF
+    sd["belief.mean_1"] = sd["belief.mean_1"].clone()
+    sd["belief.mean_1"].view(-1)[0] = INF
 
 
 def _asym(sd):
-    c = sd["cov_0"].clone()
+    c = sd["belief.cov_0"].clone()
     c[0, 0, 1] += 1e-3
-    sd["cov_0"] = c
+    sd["belief.cov_0"] = c
 
 
 def _extra(sd, **kw):
@@ -376,15 +384,18 @@ def _extra(sd, **kw):
 
 
 CORRUPT = {
-    "wrong shape": (lambda sd: sd.__setitem__("mean_1", torch.zeros(2, 5)), r"mean_1.*shape"),
-    "missing key": (lambda sd: sd.pop("cov_1"), r"missing.*cov_1"),
+    "wrong shape": (lambda sd: sd.__setitem__("belief.mean_1", torch.zeros(2, 5)), r"mean_1.*shape"),
+    "missing key": (lambda sd: sd.pop("belief.cov_1"), r"missing.*cov_1"),
     "extra key": (lambda sd: sd.__setitem__("zzz", torch.zeros(1)), r"unexpected.*zzz"),
-    "not a tensor": (lambda sd: sd.__setitem__("cov_1", sd["cov_1"].tolist()), r"cov_1.*tensor"),
+    "not a tensor": (lambda sd: sd.__setitem__("belief.cov_1", sd["belief.cov_1"].tolist()), r"cov_1.*tensor"),
     "NaN covariance": (_nan, r"cov_0.*NaN"),
     "inf mean": (_inf_mean, r"mean_1.*inf"),
     "negated covariance": (_neg, r"cov_0.*positive semi-definite"),
     "asymmetric covariance": (_asym, r"cov_0.*symmetric"),
-    "changed mask": (lambda sd: sd.__setitem__("mask_0", torch.zeros_like(sd["mask_0"])), r"mask_0"),
+    "changed mask": (
+        lambda sd: sd.__setitem__("belief.mask_0", torch.zeros_like(sd["belief.mask_0"])),
+        r"belief.mask_0",
+    ),
     "corrupt n_updates": (lambda sd: _extra(sd, n_updates="abc"), r"n_updates"),
     "negative n_updates": (lambda sd: _extra(sd, n_updates=-3), r"n_updates"),
     "corrupt guard_counts": (lambda sd: _extra(sd, guard_counts="x"), r"guard_counts"),
@@ -506,8 +517,85 @@ def test_partial_loads_are_refused():
     model, src = _trained()
     dst = _target(model)
     before = snapshot(dst)
-    with pytest.raises(ValueError, match="strict"):
-        dst.load_state_dict(src.state_dict(), strict=False)
+    for kw in ({"strict": False}, {"assign": True}):
+        with pytest.raises(ValueError, match="strict=False and assign=True are not supported"):
+            dst.load_state_dict(src.state_dict(), **kw)
+        untouched(dst, before)
+    with pytest.raises(ValueError, match="expected a dict"):
+        dst.load_state_dict([("belief.mean_0", src.belief.mean_0)])
+    untouched(dst, before)
+
+
+def test_a_load_interrupted_while_copying_leaves_the_target_bit_identical():
+    model, src = _trained()
+    sd = src.state_dict()
+    counted = _target(model)
+    with _RaiseAtCall() as mode:
+        counted.load_state_dict(sd)
+    dst = _target(model)
+    before = snapshot(dst)
+    with pytest.raises(KeyboardInterrupt), _RaiseAtCall(at=mode.calls - 1) as interrupt:  # at the last copies
+        dst.load_state_dict(sd)
+    assert interrupt.fired
+    untouched(dst, before)
+
+
+JOINT_CORRUPT = {
+    "full NaN": ("full", lambda sd: sd["belief.cov"].view(-1).__setitem__(3, NAN), r"belief.cov.*NaN"),
+    "full not PSD": ("full", lambda sd: sd.__setitem__("belief.cov", -sd["belief.cov"]),
+                     r"belief.cov.*positive semi-definite"),
+    "full inf mean": ("full", lambda sd: sd["belief.loc"].view(-1).__setitem__(0, INF), r"belief.loc.*inf"),
+    "lowrank precision <= 0": ("lowrank", lambda sd: sd["belief.prec_diag"].view(-1).__setitem__(0, -1.0),
+                               r"belief.prec_diag.*> 0"),
+    "lowrank NaN factor": ("lowrank", lambda sd: sd["belief.prec_factor"].view(-1).__setitem__(0, NAN),
+                           r"belief.prec_factor.*NaN"),
+    "lowrank counter": ("lowrank", lambda sd: sd.__setitem__("belief._extra_state", {"n_truncations": -1}),
+                        r"belief._extra_state.*n_truncations"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(JOINT_CORRUPT))
+def test_a_corrupt_joint_belief_checkpoint_is_rejected(case):
+    covariance, mutate, msg = JOINT_CORRUPT[case]
+    model = pk.BayesianModel(mlp(), 0.5, 0.1)
+    n = 10 if covariance == "full" else 0  # a low-rank belief is checked at its prior
+    src = pk.KalmanGuide(model, covariance, update="ekf").update(*stream(n))
+    sd = copy.deepcopy(src.state_dict())
+    mutate(sd)
+    dst = pk.KalmanGuide(model, covariance, update="ekf").update(*stream(n // 3, seed=5))
+    before = snapshot(dst)
+    with pytest.raises(ValueError, match=msg):
+        dst.load_state_dict(sd)
+    untouched(dst, before)
+    dst.load_state_dict(src.state_dict())  # the intact checkpoint loads
+    assert torch.equal(dst.belief.mean, src.belief.mean)
+
+
+@pytest.mark.parametrize(
+    ("saved", "here", "name"),
+    [
+        ({"covariance": "lowrank", "update": "ekf", "rank": 3}, {"covariance": "lowrank", "update": "ekf"}, "rank"),
+        ({"covariance": "diag", "update": "slr", "draws": 10}, {"covariance": "diag", "update": "slr"}, "draws"),
+        ({"covariance": "diag", "update": "slr", "seed": 1}, {"covariance": "diag", "update": "slr"}, "seed"),
+        ({"covariance": "full", "update": "slr"}, {"covariance": "full", "update": "ekf"}, "update"),
+    ],
+)
+def test_a_checkpoint_of_another_update_rule_or_its_options_is_rejected(saved, here, name):
+    model = pk.BayesianModel(mlp(), 0.5, 0.1)
+    src = pk.KalmanGuide(model, **saved)
+    dst = pk.KalmanGuide(model, **here)
+    before = snapshot(dst)
+    with pytest.raises(ValueError, match=rf"different model/guide \(differs in {name}"):
+        dst.load_state_dict(src.state_dict())
+    untouched(dst, before)
+
+
+def test_a_checkpoint_of_another_observed_output_is_rejected():
+    src = pk.KalmanGuide(pk.BayesianModel(tiny_tf(), 0.1, 0.1, bayesian="head", observe="all"))
+    dst = pk.KalmanGuide(pk.BayesianModel(tiny_tf(), 0.1, 0.1, bayesian="head", observe="last"))
+    before = snapshot(dst)
+    with pytest.raises(ValueError, match=r"differs in observe"):
+        dst.load_state_dict(src.state_dict())
     untouched(dst, before)
 
 
@@ -615,7 +703,7 @@ def test_belief_health_detects_each_failure():
         (lambda c: c.view(-1).__setitem__(0, NAN), "finite"),
     ]:
         bad = copy.deepcopy(guide)
-        mutate(bad.cov_0)
+        mutate(bad.belief.cov_0)
         assert not belief_health(bad)[failed]
 
 
