@@ -301,6 +301,10 @@ class KalmanGuide(PyroModule):
             raise ValueError("load_beliefs: the other guide has a different structure or covariance kind")
         if other.belief.signature() != self.belief.signature():
             raise ValueError("load_beliefs: the other guide's belief has different settings")
+        if other.dtype != self.dtype:
+            raise ValueError(f"load_beliefs: the other guide's belief is {other.dtype}, this one {self.dtype}")
+        if other.fixed_weights_fingerprint() != self.fixed_weights_fingerprint():
+            raise ValueError("load_beliefs: the other guide's network has different fixed (non-Bayesian) weights")
         for mine, theirs in zip(self.belief.buffers(), other.belief.buffers(), strict=True):
             mine.copy_(theirs)
         return self

@@ -92,6 +92,11 @@ def _selector(bayesian: BayesianSpec, net: nn.Module, module_names: set[str]) ->
         return in_subset
     if callable(bayesian):
         return lambda mod, par: bool(bayesian(f"{mod}.{par}" if mod else par))
+    if not isinstance(bayesian, Sequence | set | frozenset):
+        raise ValueError(
+            f"bayesian={bayesian!r}: expected 'all', 'head', 'last_block', 'blocks:k', a list of module names or a "
+            "predicate on parameter names"
+        )
     names = list(bayesian)
     unknown = [n for n in names if n not in module_names]
     if unknown:

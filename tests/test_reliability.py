@@ -174,6 +174,28 @@ def test_guide_choices_are_checked_by_name(kwargs, name):
         pk.KalmanGuide(pk.BayesianModel(mlp(), 0.5, 0.1), **kwargs)
 
 
+@pytest.mark.parametrize("bad", [5, None, 1.0])
+def test_the_bayesian_subset_must_be_a_name_list_or_predicate(bad):
+    with pytest.raises(ValueError, match="bayesian=.*expected 'all'"):
+        pk.BayesianModel(mlp(), 0.5, 0.1, bayesian=bad)
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs", "name"),
+    [
+        (TransformerConfig, {"d_in": "2", "d_out": 1}, "d_in"),
+        (TransformerConfig, {"d_in": 2, "d_out": 1.0}, "d_out"),
+        (TransformerConfig, {"d_in": 2, "d_out": 1, "n_head": True}, "n_head"),
+        (TransformerConfig, {"d_in": 2, "d_out": 1, "max_len": 4.5}, "max_len"),
+        (DTConfig, {"state_dim": "3", "act_dim": 1}, "state_dim"),
+        (DTConfig, {"state_dim": 3, "act_dim": 1, "context": 2.0}, "context"),
+    ],
+)
+def test_network_sizes_must_be_ints(config, kwargs, name):
+    with pytest.raises(ValueError, match=f"{name} must be an int"):
+        config(**kwargs)
+
+
 def test_a_sequential_whose_linear_sizes_do_not_chain_is_rejected_at_construction():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(3, 1))
@@ -511,6 +533,17 @@ def test_a_transformer_head_belief_does_not_load_into_a_network_with_another_fro
     x = torch.randn(2, 4, 2)
     for a, b in zip(src.predict(x), same.predict(x), strict=True):
         assert torch.equal(a, b)
+
+
+def test_load_beliefs_refuses_a_guide_of_another_network_or_dtype():
+    src = pk.KalmanGuide(pk.BayesianModel(mlp(seed=0), 0.5, 0.1, bayesian=["2"])).update(*stream(10))
+    other = mlp(seed=1)
+    other[2].load_state_dict(mlp(seed=0)[2].state_dict())  # same Bayesian layer, other fixed first layer
+    dst = _target(pk.BayesianModel(other, 0.5, 0.1, bayesian=["2"]))
+    before = snapshot(dst)
+    with pytest.raises(ValueError, match="fixed"):
+        dst.load_beliefs(src)
+    untouched(dst, before)
 
 
 def test_partial_loads_are_refused():

@@ -51,7 +51,15 @@ def _activation(name: str) -> nn.Module:
     raise ValueError(f"activation={name!r}: expected one of {_ACTIVATIONS}")
 
 
+def _check_ints(**values: object) -> None:
+    """Each value is an ``int`` (not a ``bool``, a float or a string), or a ``ValueError`` naming it."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+
+
 def _check_width(d_model: int, n_head: int, n_layer: int, activation: str) -> None:
+    _check_ints(d_model=d_model, n_head=n_head, n_layer=n_layer)
     if d_model < 1 or n_head < 1 or n_layer < 0:
         raise ValueError(f"need d_model >= 1, n_head >= 1, n_layer >= 0; got {d_model}, {n_head}, {n_layer}")
     if d_model % n_head != 0:
@@ -157,6 +165,7 @@ class TransformerConfig:
     out_tanh: bool = False
 
     def __post_init__(self) -> None:
+        _check_ints(d_in=self.d_in, d_out=self.d_out, max_len=self.max_len)
         _check_width(self.d_model, self.n_head, self.n_layer, self.activation)
         if self.d_in < 1 or self.d_out < 1 or self.max_len < 1:
             raise ValueError(f"need d_in, d_out, max_len >= 1; got {self.d_in}, {self.d_out}, {self.max_len}")
@@ -234,6 +243,7 @@ class DTConfig:
     action_tanh: bool = True
 
     def __post_init__(self) -> None:
+        _check_ints(state_dim=self.state_dim, act_dim=self.act_dim, max_ep_len=self.max_ep_len, context=self.context)
         _check_width(self.d_model, self.n_head, self.n_layer, self.activation)
         if min(self.state_dim, self.act_dim, self.max_ep_len, self.context) < 1:
             raise ValueError(
