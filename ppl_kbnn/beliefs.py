@@ -162,21 +162,50 @@ class Belief(nn.Module):
         raise NotImplementedError
 
     def condition(
-        self, c: torch.Tensor, S: torch.Tensor, resid: torch.Tensor, *, J: torch.Tensor | None = None,
-        R: torch.Tensor | None = None,
-    ) -> None:  # fmt: skip
-        """Kalman step with ``c = Cov(θ, y)`` ``(D, m)``, innovation covariance ``S`` ``(m, m)`` and residual
-        ``r`` ``(m,)``. ``J``/``R`` (the Jacobian and noise of a linearised observation) are used by
-        information-form beliefs; covariance-form beliefs need only ``c`` and ``S``."""
+        self, c: torch.Tensor, S: torch.Tensor, resid: torch.Tensor, *, R: torch.Tensor, J: torch.Tensor | None = None
+    ) -> None:
+        """Kalman step with ``c = Cov(θ, y)`` ``(D, m)``, innovation covariance ``S`` ``(m, m)``, residual ``r``
+        ``(m,)`` and observation noise ``R`` ``(m, m)``. ``J`` (the Jacobian of a linearised observation; ``None``
+        when ``c`` comes from draws) is used by information-form beliefs; covariance-form beliefs need only ``c``
+        and ``S``."""
         raise NotImplementedError
 
     def add_process_noise(self, q: float) -> None:
         """Random-walk drift: ``P ← P + q I`` on the Bayesian entries."""
         raise NotImplementedError
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws ``(n, D)``."""
+    def sample(self, n: int, generator: torch.Generator | None = None, *, antithetic: bool = False) -> torch.Tensor:
+        """``n`` draws ``(n, D)``: ``μ + root(P) z``.
+
+        ``antithetic=True`` (``n`` even): the standard normals come in pairs ``±z``, so the draws' mean is exactly
+        ``μ``; when ``n/2`` exceeds the number of normals, they are also whitened (their sample covariance is
+        exactly ``I``), so the draws' sample covariance is exactly ``P`` — statistical linear regression is then
+        exact on a linear network.
+        """
+        return self._draw(self._normals(n, generator, antithetic))
+
+    def draws_and_normals(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Antithetic draws ``(n, D)`` (as :meth:`sample`) and the standard normals ``z`` ``(n, k)`` behind them:
+        ``θ_s = μ + G z_s`` with ``G Gᵀ = P``."""
+        z = self._normals(n, generator, True)
+        return self._draw(z), z
+
+    def _n_normals(self) -> int:
+        return self.layout.dim
+
+    def _draw(self, z: torch.Tensor) -> torch.Tensor:
+        """``μ + root(P) z`` for standard normals ``z`` ``(n, k)``."""
         raise NotImplementedError
+
+    def _normals(self, n: int, generator: torch.Generator | None, antithetic: bool) -> torch.Tensor:
+        k, like = self._n_normals(), self.mean
+        if not antithetic:
+            return torch.randn(n, k, generator=generator, dtype=like.dtype, device=like.device)
+        half = torch.randn(n // 2, k, generator=generator, dtype=like.dtype, device=like.device)
+        if n // 2 > k:  # whiten: [h; -h]ᵀ[h; -h] = (n - 1) I
+            L = torch.linalg.cholesky(2 * half.mT @ half / (n - 1))
+            half = torch.linalg.solve_triangular(L, half.mT, upper=False).mT
+        return torch.cat([half, -half])
 
     # -- distributions, size, identity ------------------------------------------------------------
     def joint_posterior(self) -> dist.Distribution:
@@ -311,7 +340,7 @@ class _RowBelief(Belief):
             rows.append(self._row_cov_jac(self.rows(s.index)[1], jac))
         return self.layout.scatter(rows, J)
 
-    def condition(self, c, S, resid, *, J=None, R=None) -> None:  # noqa: D102
+    def condition(self, c, S, resid, *, R, J=None) -> None:  # noqa: D102
         S_inv = torch.linalg.inv(S)  # once for every layer
         new = {}
         for s in self.layout.slots:
@@ -374,14 +403,18 @@ class BlockBelief(_RowBelief):
         getattr(self, f"mean_{index}").copy_(mean)
         getattr(self, f"cov_{index}").copy_(cov)
 
-    def sample(self, n, generator=None):
-        rows = []
+    def _n_normals(self):
+        return sum(self.rows(s.index)[0].numel() for s in self.layout.slots)
+
+    def _draw(self, z):
+        rows, start = [], 0
         for s in self.layout.slots:
             mean, cov = self.rows(s.index)
             evals, evecs = torch.linalg.eigh(cov)  # fixed entries: zero variance, eigen root handles them
             root = evecs * evals.clamp_min(0).sqrt()[..., None, :]
-            z = torch.randn(n, *mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-            rows.append((mean + torch.einsum("npq,snq->snp", root, z)).permute(1, 2, 0))  # (d_out, p, n)
+            zl = z[:, start : start + mean.numel()].reshape(-1, *mean.shape)  # (S, d_out, p)
+            start += mean.numel()
+            rows.append((mean + torch.einsum("npq,snq->snp", root, zl)).permute(1, 2, 0))  # (d_out, p, S)
         return self.layout.scatter(rows, self.mean_0).T
 
 
@@ -415,9 +448,8 @@ class DiagBelief(_RowBelief):
         getattr(self, f"mean_{index}").copy_(mean)
         getattr(self, f"cov_{index}").copy_(cov)
 
-    def sample(self, n, generator=None):
-        mu, sd = self.mean, self.marginal_var().clamp_min(0).sqrt()
-        return mu + sd * torch.randn(n, mu.shape[0], generator=generator, dtype=mu.dtype, device=mu.device)
+    def _draw(self, z):
+        return self.mean + self.marginal_var().clamp_min(0).sqrt() * z
 
 
 # ------------------------------------------------------------------------------------------------- joint beliefs
@@ -439,7 +471,7 @@ class FullBelief(Belief):
         return self.loc
 
     def marginal_var(self):
-        return torch.diagonal(self.cov)
+        return torch.diagonal(self.cov).clone()
 
     def dense_cov(self):
         return self.cov
@@ -447,7 +479,7 @@ class FullBelief(Belief):
     def cov_jac(self, J):
         return self.cov @ J.mT
 
-    def condition(self, c, S, resid, *, J=None, R=None) -> None:  # noqa: D102
+    def condition(self, c, S, resid, *, R, J=None) -> None:  # noqa: D102
         K = torch.linalg.solve(S, c.mT).mT  # c S⁻¹: (D, m)
         mean, cov = self.loc + K @ resid, self.cov - K @ c.mT
         cov = 0.5 * (cov + cov.mT)
@@ -471,10 +503,9 @@ class FullBelief(Belief):
         check_tensor(prefix + "loc", state["loc"])
         check_psd(prefix + "cov", state["cov"])
 
-    def sample(self, n, generator=None):
+    def _draw(self, z):
         evals, evecs = torch.linalg.eigh(self.cov)
         root = evecs * evals.clamp_min(0).sqrt()
-        z = torch.randn(n, self.loc.shape[0], generator=generator, dtype=self.loc.dtype, device=self.loc.device)
         return self.loc + z @ root.mT
 
 
@@ -490,11 +521,16 @@ class LowRankBelief(Belief):
     joint = True
     DEFAULT_RANK: ClassVar[int] = 10
 
-    def __init__(self, layout, loc, var, guards, *, rank: int | None = None, **_) -> None:
+    TRUNCATIONS: ClassVar[tuple[str, ...]] = ("drop", "diag")
+
+    def __init__(self, layout, loc, var, guards, *, rank: int | None = None, truncation: str = "drop", **_) -> None:
         super().__init__(layout, loc, var, guards)
         rank = self.DEFAULT_RANK if rank is None else rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if truncation not in self.TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {self.TRUNCATIONS}, got {truncation!r}")
+        self.truncation = truncation
         if guards.jitter > 0 or guards.psd_repair:
             raise ValueError("covariance='lowrank' is PSD by construction: jitter and psd_repair do not apply")
         self.rank = rank
@@ -536,13 +572,12 @@ class LowRankBelief(Belief):
     def cov_jac(self, J):
         return self._cov_times(J.mT)
 
-    def condition(self, c, S, resid, *, J=None, R=None) -> None:  # noqa: D102
-        if J is None:  # statistical linear regression: A = cᵀ Λ, effective noise R = S - A c (module docstring)
+    def condition(self, c, S, resid, *, R, J=None) -> None:  # noqa: D102
+        if J is None:  # statistical linear regression: A = cᵀ Λ, noise R + Ω with Ω = Cov_f(y) - A c = S - R - A c
             J = (self.prec_diag[:, None] * c + self.prec_factor @ (self.prec_factor.mT @ c)).mT  # (m, D)
-            R = S - J @ c
-            R = 0.5 * (R + R.mT)
-            evals, evecs = torch.linalg.eigh(R)
-            R = (evecs * evals.clamp_min(1e-12 * evals.abs().max())) @ evecs.mT  # MC noise can make it indefinite
+            omega = S - R - J @ c
+            evals, evecs = torch.linalg.eigh(0.5 * (omega + omega.mT))
+            R = R + (evecs * evals.clamp_min(0)) @ evecs.mT  # the regression's residual variance, PSD part
         mean = self.loc + c @ torch.linalg.solve(S, resid)  # untruncated posterior mean (Kalman form)
         L = torch.linalg.cholesky(R)
         Jt = torch.linalg.solve_triangular(L, J, upper=False)  # L⁻¹ J: (m, D)
@@ -551,10 +586,10 @@ class LowRankBelief(Belief):
         V = V.flip(-1)
         keep = Wt @ V[:, : self.rank]
         drop = Wt @ V[:, self.rank :]
-        ups = self.prec_diag + (drop * drop).sum(-1)
+        ups = self.prec_diag + (drop * drop).sum(-1) if self.truncation == "diag" else self.prec_diag
         if keep.shape[1] < self.rank:  # D < r: pad
             keep = torch.cat([keep, keep.new_zeros(keep.shape[0], self.rank - keep.shape[1])], 1)
-        if lam.flip(-1)[self.rank :].abs().max(initial=0.0) > 1e-12 * lam.abs().max():
+        if lam.shape[0] > self.rank and lam[: lam.shape[0] - self.rank].abs().max() > 1e-12 * lam.abs().max():
             self.n_truncations += 1
         self._check_finite("the low-rank belief", mean, keep, ups)
         self.loc.copy_(mean)
@@ -565,18 +600,19 @@ class LowRankBelief(Belief):
         raise ValueError("process_noise > 0 is not supported with covariance='lowrank'; supported: 'diag', 'block', "
                          "'full'")  # fmt: skip
 
-    def sample(self, n, generator=None):
+    def _n_normals(self):
+        return self.layout.dim + self.rank
+
+    def _draw(self, z):
         D = self.loc.shape[0]
-        z1 = torch.randn(n, D, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
-        z2 = torch.randn(n, self.rank, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
-        u = z1 * self.prec_diag.sqrt() + z2 @ self.prec_factor.mT  # ~ N(0, Λ)
+        u = z[:, :D] * self.prec_diag.sqrt() + z[:, D:] @ self.prec_factor.mT  # ~ N(0, Λ)
         return self.loc + self._cov_times(u.mT).mT  # P u ~ N(0, P Λ P) = N(0, P)
 
     def joint_posterior(self):
         return dist.MultivariateNormal(self.loc, precision_matrix=self.precision())
 
     def signature(self):
-        return {"covariance": self.key, "rank": self.rank}
+        return {"covariance": self.key, "rank": self.rank, "truncation": self.truncation}
 
     def _counters(self) -> dict:
         return {"n_truncations": self.n_truncations}

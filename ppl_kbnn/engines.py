@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, vmap
 
 from .beliefs import Belief, BlockBelief, DiagBelief, FullBelief, LowRankBelief
 from .kalman import (
@@ -89,10 +89,19 @@ class NetworkFunction:
         return torch.cat([f(t, x) for t in thetas.split(self.CHUNK)])
 
     def jacobian(self, theta: torch.Tensor, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f(x; θ) (*out), J (k, D))`` with ``k`` the number of outputs."""
+        """``(f(x; θ) (*out), J (k, D))`` with ``k`` the number of outputs (``f`` flattened): one backward pass per
+        output, batched (``is_grads_batched``) when there are several."""
         with torch.enable_grad():
-            J, out = jacrev(lambda t: (self(t, x).reshape(-1),) * 2, has_aux=True)(theta)
-        return out, J
+            t = theta.detach().requires_grad_(True)
+            out = self(t, x)
+            flat = out.reshape(-1)
+            k = flat.shape[0]
+            if k == 1:  # a plain backward pass (cheaper than jacrev's vmap)
+                J = torch.autograd.grad(flat[0], t)[0][None]
+            else:
+                eye = torch.eye(k, dtype=flat.dtype, device=flat.device)
+                J = torch.autograd.grad(flat, t, grad_outputs=eye, is_grads_batched=True)[0]
+        return out.detach(), J  # (*out), (k, D)
 
 
 class Engine:
@@ -268,7 +277,7 @@ class _Linearised(Engine):
         if g.guards.var_floor > 0:
             P_y = P_y - torch.diag(var) + torch.diag(g.guards.floor(var))
         R = g.obs_noise**2 * torch.eye(P_y.shape[0], dtype=P_y.dtype, device=P_y.device)
-        g.belief.condition(c, P_y + R, y.reshape(-1) - y_hat, J=J, R=R if J is not None else None)
+        g.belief.condition(c, P_y + R, y.reshape(-1) - y_hat, R=R, J=J)
 
 
 class EKF(_Linearised):
@@ -278,7 +287,8 @@ class EKF(_Linearised):
 
     def step(self, x, y):
         g = self.guide
-        y_hat, J = g.network.jacobian(g.belief.mean, x)  # (m,), (m, D)
+        y_hat, J = g.network.jacobian(g.belief.mean, x)  # (*y), (m, D)
+        y_hat = y_hat.reshape(-1)  # (m,)
         c = g.belief.cov_jac(J)  # (D, m)
         self._kalman(y, y_hat, c, J @ c, J)
 
@@ -302,19 +312,29 @@ class SLR(_Linearised):
 
     def step(self, x, y):
         g = self.guide
-        thetas = antithetic_draws(g.belief, self.draws, self.seed, g.n_updates + g._in_batch)  # (L, D)
+        gen = torch.Generator(device=g.belief.mean.device).manual_seed(_seed(self.seed, g.n_updates + g._in_batch))
+        thetas, z = g.belief.draws_and_normals(self.draws, gen)  # (L, D), (L, k): θ_s = μ + G z_s
         f = g.network.batched(thetas, x).reshape(self.draws, -1)  # (L, m)
-        y_hat = f.mean(0)
+        y_hat = f.mean(0)  # antithetic pairs: the draws' mean is exactly μ
         fc = f - y_hat
-        c = (thetas - g.belief.mean).mT @ fc / (self.draws - 1)  # (D, m)
-        self._kalman(y, y_hat, c, fc.mT @ fc / (self.draws - 1), None)
+        c = (thetas - g.belief.mean).mT @ fc / (self.draws - 1)  # Cov(θ, y) = G B: (D, m)
+        B = z.mT @ fc / (self.draws - 1)  # Stein: E[z f] = Gᵀ E[∇f]ᵀ, (k, m)
+        P_y = fc.mT @ fc / (self.draws - 1)  # Cov(y) (m, m)
+        # Cov(y) = BᵀB + Ω (the linear part and the regression's residual); with few draws the estimate of Ω can come
+        # out negative, which would let the step remove more variance than the belief has: keep its PSD part.
+        lin = B.mT @ B
+        evals, evecs = torch.linalg.eigh(0.5 * (P_y - lin + (P_y - lin).mT))
+        self._kalman(y, y_hat, c, lin + (evecs * evals.clamp_min(0)) @ evecs.mT, None)
+
+
+def _seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
 
 
 def antithetic_draws(belief: Belief, n: int, seed: int, step: int) -> torch.Tensor:
     """``n`` draws ``(n, D)`` in antithetic pairs ``μ ± δ`` from a generator seeded by ``(seed, step)``."""
-    gen = torch.Generator(device=belief.mean.device).manual_seed(seed * 1_000_003 + step)
-    half = belief.sample(n // 2, gen) - belief.mean
-    return belief.mean + torch.cat([half, -half])
+    gen = torch.Generator(device=belief.mean.device).manual_seed(_seed(seed, step))
+    return belief.sample(n, gen, antithetic=True)
 
 
 ENGINES: dict[str, tuple[type[Engine], type[Engine]]] = {

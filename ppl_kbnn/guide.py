@@ -153,6 +153,11 @@ class KalmanGuide(PyroModule):
             the backward pass is the statistical gradient of the propagated mean (docs/kbt.md). Also used by
             ``predict(method="moments")``.
         rank: rank of the ``"lowrank"`` precision factor (default 10).
+        truncation: how ``"lowrank"`` truncates its precision factor back to ``rank`` after each update:
+            ``"drop"`` (default: discard the weakest directions; the kept precision is below the exact one, so
+            the belief is never more confident than the untruncated update) or ``"diag"`` (LoFi's rule: move the
+            discarded part's diagonal onto the diagonal precision; exact precision diagonal, but more confident
+            than the exact posterior when it fires). Measured in docs/beliefs.md.
         draws: weight draws per ``"slr"`` update and per ``"sampled"`` prediction (even; default 1000).
         seed: seed of those draws (each update and each prediction reseeds from it: reproducible).
         process_noise: variance ``q`` added to every Bayesian weight's variance before each
@@ -175,6 +180,7 @@ class KalmanGuide(PyroModule):
         update: str = "kbnn",
         hidden: str = "diag",
         rank: int | None = None,
+        truncation: str | None = None,
         draws: int | None = None,
         seed: int = 0,
         process_noise: float = 0.0,
@@ -213,8 +219,8 @@ class KalmanGuide(PyroModule):
             raise ValueError(f"update={update!r} does not support covariance={covariance!r}; supported: {ok}")
         if gain_clip is not None and update != "kbnn":
             raise ValueError("gain_clip applies to update='kbnn' only (its per-node smoothing gains)")
-        if rank is not None and covariance != "lowrank":
-            raise ValueError("rank applies to covariance='lowrank' only")
+        if (rank is not None or truncation is not None) and covariance != "lowrank":
+            raise ValueError("rank and truncation apply to covariance='lowrank' only")
         if process_noise > 0 and covariance == "lowrank":
             raise ValueError("process_noise > 0 is not supported with covariance='lowrank'; supported: "
                              "'diag', 'block', 'full'")  # fmt: skip
@@ -233,7 +239,8 @@ class KalmanGuide(PyroModule):
         loc = torch.cat([loc.reshape(-1) for loc, _ in model.priors.values()])  # (D,)
         var = torch.cat([(scale * scale).reshape(-1) for _, scale in model.priors.values()])  # (D,)
         fixed = [self._fixed_rows(model, node) for node in self._linears]
-        self.belief: Belief = belief_cls(layout, loc, var, self.guards, rank=rank, fixed=fixed)
+        low = {"rank": rank, "truncation": truncation or "drop"} if covariance == "lowrank" else {}
+        self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
         self.dtype = loc.dtype
         opts = {} if update != "slr" else {"draws": draws, "seed": seed}
         if update != "slr" and draws is not None:
@@ -322,8 +329,6 @@ class KalmanGuide(PyroModule):
     # ------------------------------------------------------------------ inputs
     def _check_seq_x(self, x) -> tuple[torch.Tensor | dict, int]:
         """A transformer input: ``(N, T, d_in)``, or for a decision transformer a dict of ``(N, K, ...)``."""
-        from collections.abc import Mapping
-
         items = x.items() if isinstance(x, Mapping) else [("x", x)]
         if not isinstance(x, Mapping) and not isinstance(x, torch.Tensor):
             raise ValueError(f"x: expected a tensor (N, T, d_in) or a dict of tensors, got {type(x).__name__}")
@@ -428,18 +433,13 @@ class KalmanGuide(PyroModule):
             joint = None if hasattr(self.belief, "rows") else self.beliefs()
             mean, var = self._moments.moments(x, joint)
         elif method == "linearised":
-            mean, J = self.network.jacobian(self.belief.mean, x)  # (k,), (k, D)
-            var = (J * self.belief.cov_jac(J).mT).sum(-1)  # diag(J P Jᵀ)
-            shape = self._out_shape(x, self._batch(x))
-            mean, var = mean.reshape(shape), var.reshape(shape)
+            mean, J = self.network.jacobian(self.belief.mean, x)  # (*y), (k, D)
+            var = (J * self.belief.cov_jac(J).mT).sum(-1).reshape(mean.shape)  # diag(J P Jᵀ)
         else:
             L = self.draws if draws is None else draws
             f = self.network.batched(antithetic_draws(self.belief, L, self.seed, -1), x)  # (L, *out)
             mean, var = f.mean(0), f.var(0)
         return mean, var + self.obs_noise**2
-
-    def _batch(self, x) -> int:
-        return next(iter(x.values())).shape[0] if isinstance(x, Mapping) else x.shape[0]
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor) -> KalmanGuide:

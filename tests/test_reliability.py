@@ -165,6 +165,8 @@ def test_process_noise_must_be_a_finite_non_negative_number(bad):
         ({"seed": 1.5}, "seed"),
         ({"covariance": "lowrank", "update": "ekf", "rank": 0}, "rank"),
         ({"covariance": "lowrank", "update": "ekf", "rank": 2.0}, "rank"),
+        ({"covariance": "lowrank", "update": "ekf", "truncation": "none"}, "truncation"),
+        ({"covariance": "lowrank", "update": "ekf", "truncation": ["diag"]}, "truncation"),
         ({"update": "slr", "draws": 3}, "draws"),
         ({"update": "slr", "draws": "100"}, "draws"),
     ],
@@ -591,11 +593,10 @@ JOINT_CORRUPT = {
 def test_a_corrupt_joint_belief_checkpoint_is_rejected(case):
     covariance, mutate, msg = JOINT_CORRUPT[case]
     model = pk.BayesianModel(mlp(), 0.5, 0.1)
-    n = 10 if covariance == "full" else 0  # a low-rank belief is checked at its prior
-    src = pk.KalmanGuide(model, covariance, update="ekf").update(*stream(n))
+    src = pk.KalmanGuide(model, covariance, update="ekf").update(*stream(10))
     sd = copy.deepcopy(src.state_dict())
     mutate(sd)
-    dst = pk.KalmanGuide(model, covariance, update="ekf").update(*stream(n // 3, seed=5))
+    dst = pk.KalmanGuide(model, covariance, update="ekf").update(*stream(3, seed=5))
     before = snapshot(dst)
     with pytest.raises(ValueError, match=msg):
         dst.load_state_dict(sd)
@@ -608,6 +609,11 @@ def test_a_corrupt_joint_belief_checkpoint_is_rejected(case):
     ("saved", "here", "name"),
     [
         ({"covariance": "lowrank", "update": "ekf", "rank": 3}, {"covariance": "lowrank", "update": "ekf"}, "rank"),
+        (
+            {"covariance": "lowrank", "update": "ekf", "truncation": "diag"},
+            {"covariance": "lowrank", "update": "ekf"},
+            "truncation",
+        ),
         ({"covariance": "diag", "update": "slr", "draws": 10}, {"covariance": "diag", "update": "slr"}, "draws"),
         ({"covariance": "diag", "update": "slr", "seed": 1}, {"covariance": "diag", "update": "slr"}, "seed"),
         ({"covariance": "full", "update": "slr"}, {"covariance": "full", "update": "ekf"}, "update"),

@@ -109,7 +109,16 @@ RHAT_MAX = 1.01
 ESS_MIN = 100.0
 Z90 = 1.6448536269514722  # standard normal 95% quantile: the central 90% interval is m ± Z90·s
 SPEEDUP_MIN = 100.0
-METHODS = ("prior", "kbt-block", "kbt-diag", "svi-normal", "svi-lowrank", "nuts")
+GUIDES: tuple[tuple[str, str, str], ...] = (
+    ("kbt-block", "block", "kbnn"), ("kbt-diag", "diag", "kbnn"),
+    ("diag-ekf", "diag", "ekf"), ("block-ekf", "block", "ekf"), ("full-ekf", "full", "ekf"),
+    ("lowrank-ekf", "lowrank", "ekf"),
+    ("diag-slr", "diag", "slr"), ("block-slr", "block", "slr"), ("full-slr", "full", "slr"),
+    ("lowrank-slr", "lowrank", "slr"),
+)  # fmt: skip
+"""Closed-form sequential methods: ``(name, covariance, update)``; each predicts with its matching read-out."""
+N_ORDERS = 6  # stream orders per closed-form method (the given order and 5 random permutations)
+METHODS = ("prior", *(g[0] for g in GUIDES), "svi-normal", "svi-lowrank", "nuts")
 
 
 def _problem(name: str, seed: int, n_test: int) -> dict[str, Any]:
@@ -199,13 +208,21 @@ def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar:
     predictors["prior"] = from_guide(prior).predict
     preds["prior"] = predictors["prior"](xt)
     info["prior"] = {"wall_s": 0.0, "memory_bytes": int(prior.belief_bytes)}
-    for cov in ("block", "diag"):
-        guide = KalmanGuide(model, covariance=cov, hidden=spec["kbt_hidden"]).update(x, y)
-        res = from_guide(guide)
+    for name_g, cov, rule in GUIDES:
+        step(name_g)
+        guide = KalmanGuide(model, covariance=cov, update=rule, hidden=spec["kbt_hidden"]).update(x, y)
+        res = from_guide(guide, method=name_g)
         predictors[res.method] = res.predict
         preds[res.method] = res.predict(xt)
-        info[res.method] = {"wall_s": res.wall_seconds, "memory_bytes": res.memory_bytes,
-                            "hidden": spec["kbt_hidden"], "guard_counts": res.diagnostics["guard_counts"]}  # fmt: skip
+        orders = [preds[res.method]]
+        for k in range(1, N_ORDERS):  # the same stream in other orders: how much the result depends on it
+            perm = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(seed * 100 + k))
+            g = KalmanGuide(model, covariance=cov, update=rule, hidden=spec["kbt_hidden"])
+            g.update(_rows(x, perm), y[perm])
+            orders.append(from_guide(g).predict(xt))
+        info[res.method] = {"wall_s": res.wall_seconds, "memory_bytes": res.memory_bytes, "covariance": cov,
+                            "update": rule, "hidden": spec["kbt_hidden"],
+                            "guard_counts": res.diagnostics["guard_counts"], "orders": orders}  # fmt: skip
     bar.update(1)
 
     # variational baselines
@@ -224,7 +241,12 @@ def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar:
     methods = []
     for method in METHODS:
         mean, std = preds[method]
-        methods.append({"method": method, **_metrics(mean, std, ref_mean, ref_std, yt), **info[method]})
+        extra = dict(info[method])
+        if "orders" in extra:  # max mean error and max |log std ratio| over the stream orders: (min, max)
+            per = [_metrics(m, sd, ref_mean, ref_std, yt) for m, sd in extra.pop("orders")]
+            extra["orders"] = {"n": len(per), **{k: [min(r[k] for r in per), max(r[k] for r in per)]
+                                                 for k in ("mean_err_max", "log_std_ratio_max")}}  # fmt: skip
+        methods.append({"method": method, **_metrics(mean, std, ref_mean, ref_std, yt), **extra})
     kbt = next(r for r in methods if r["method"] == "kbt-block")
     return {
         "problem": name,
@@ -237,6 +259,11 @@ def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar:
         "speedup_kbt_block": info["nuts"]["wall_s"] / max(kbt["wall_s"], 1e-12),
         "curve": _curve(predictors, x, y) if name.startswith("mlp") else None,
     }
+
+
+def _rows(x: Any, idx: torch.Tensor) -> Any:
+    """Rows ``idx`` of a batch (a tensor or a dict of tensors)."""
+    return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
 
 
 def _curve(predictors: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -296,6 +323,25 @@ def _findings(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"{p['nuts']['nuts_mean_mcse_max']:.3f} NUTS std"
             ),
         })  # fmt: skip
+        svis = [by["svi-normal"], by["svi-lowrank"]]
+        for name_g, _, rule in GUIDES:
+            if rule == "kbnn":
+                continue
+            g = by[name_g]
+            closer = all(g["mean_err_max"] < v["mean_err_max"] and g["log_std_ratio_max"] < v["log_std_ratio_max"]
+                         for v in svis)  # fmt: skip
+            out.append({
+                "name": f"{name_g}_vs_svi_{p['problem']}",
+                "holds": bool(closer),
+                "detail": (
+                    f"{p['problem']}: {name_g} is {'' if closer else 'NOT '}closer to NUTS than both SVI baselines on "
+                    f"both measures: mean error max {g['mean_err_max']:.3f} vs SVI-normal {svis[0]['mean_err_max']:.3f}"
+                    f" / SVI-lowrank {svis[1]['mean_err_max']:.3f}; max |log std ratio| {g['log_std_ratio_max']:.3f} "
+                    "vs "
+                    f"{svis[0]['log_std_ratio_max']:.3f} / {svis[1]['log_std_ratio_max']:.3f}; total update time "
+                    f"{g['wall_s']:.3g} s (KBT-block {k['wall_s']:.3g} s, NUTS {p['nuts']['wall_s']:.1f} s)"
+                ),
+            })  # fmt: skip
         fast = p["speedup_kbt_block"] >= SPEEDUP_MIN
         out.append({
             "name": f"kbt_block_100x_faster_{p['problem']}",
@@ -331,6 +377,13 @@ def _machine() -> dict[str, Any]:
     return {"cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg": load}
 
 
+def plt_color(i: int) -> Any:
+    """A distinct colour for method ``i`` (matplotlib's tab20: more methods than the default cycle's 10)."""
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i % 20)
+
+
 def _fmt_bytes(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.1f} MiB"
 
@@ -363,14 +416,16 @@ def _markdown(result: dict[str, Any], command: str) -> str:
             f"{p['prior_scale']:g}, obs noise {p['obs_noise']:g}, KBT hidden mode {p['kbt_hidden']})",
             "",
             "| method | mean err max | mean err mean | std ratio min | std ratio max | NLL | 90% coverage "
-            "| wall s | memory |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| wall s | memory | mean err max over {N_ORDERS} stream orders |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for m in p["methods"]:
+            o = m.get("orders")
+            span = f"{o['mean_err_max'][0]:.3f}–{o['mean_err_max'][1]:.3f}" if o else ""
             lines.append(
                 f"| {m['method']} | {m['mean_err_max']:.3f} | {m['mean_err_mean']:.3f} | {m['std_ratio_min']:.3f} "
                 f"| {m['std_ratio_max']:.3f} | {m['nll']:.3f} | {m['coverage90']:.3f} | {m['wall_s']:.3g} "
-                f"| {_fmt_bytes(m['memory_bytes'])} |"
+                f"| {_fmt_bytes(m['memory_bytes'])} | {span} |"
             )
         lines += [
             "",
@@ -406,7 +461,7 @@ def _plot(problems: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(14, 3.8 * len(problems)))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(problems), 3, squeeze=False)
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    colors = {m: plt_color(i) for i, m in enumerate(METHODS)}
     for row, p in zip(axes, problems, strict=True):
         for m in p["methods"]:
             if m["method"] == "nuts":
