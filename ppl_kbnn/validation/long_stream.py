@@ -137,12 +137,13 @@ def _checks(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in runs:
         at = "" if r["first_failure"] is None else f"; first failure after update {r['first_failure']}"
+        low = "smallest eigenvalue" if r["kind"] != "diag" else "smallest variance"
         for prop in ("finite", "symmetric", "psd"):
             out.append({
                 "name": f"{r['kind']}_{prop}",
                 "passed": bool(r[prop]),
                 "detail": f"{r['kind']}: {prop} at all {r['checks_done']} checkpoints of {r['n_updates']:,} updates "
-                f"(smallest eigenvalue {r['min_eig']:.3g}, {r['min_eig_rel']:.3g} of max|C|){at}",
+                f"({low} {r['min_eig']:.3g}, {r['min_eig_rel']:.3g} of max abs(C)){at}",
             })  # fmt: skip
     return out
 
@@ -158,7 +159,8 @@ def _markdown(result: dict[str, Any], command: str) -> str:
         f"{cfg['obs_noise']:g}, process noise {cfg['process_noise']:g}, no guard on; {cfg['n_updates']:,} updates "
         f"on a noisy sin stream, belief checked every {cfg['check_every']} updates; seed {cfg['seed']}, float64.",
         "",
-        "| covariance | updates | checkpoints | finite | symmetric | PSD | smallest eigenvalue | rel. to max|C| "
+        "| covariance | updates | checkpoints | finite | symmetric | PSD | smallest eigenvalue (diag: variance) "
+        "| rel. to max abs(C) "
         "| guard firings | updates/s (wall) | updates per CPU s |",
         "|---|---:|---:|---|---|---|---:|---:|---|---:|---:|",
     ]
