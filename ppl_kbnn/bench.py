@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from ._io import write_text_atomic
 from .guide import KalmanGuide
 from .inference.result import model_output, tensor_bytes
 from .inference.retrain import Retrainer, point_network
@@ -612,7 +613,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
         )
     lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in FIGURES.values()), ""]
     text = "\n".join(lines)
-    path.write_text(text)
+    write_text_atomic(path, text)
     return text
 
 
@@ -749,7 +750,7 @@ def run_bench(
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     report["figures"] = write_figures(report, out_dir)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / "bench.json", json.dumps(report, indent=2) + "\n")
     write_markdown(report, out_dir / "bench.md")
     log(f"done: {out_dir / 'bench.md'}")
     return report

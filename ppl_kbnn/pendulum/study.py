@@ -1,4 +1,4 @@
-"""The pendulum study (DESIGN §7): ``run_study`` and its settings. See the package docstring for the protocol."""
+"""The pendulum study: ``run_study`` and its settings. See the package docstring for the protocol."""
 
 from __future__ import annotations
 
@@ -271,7 +271,7 @@ def _environment(threads: int) -> dict[str, Any]:
 
 
 class _Progress:
-    """tqdm bars that vanish when ``progress=False``; ``log`` prints above the bars."""
+    """Progress on stderr: ``log`` lines (one per stage) when enabled, tqdm bars only when stderr is a terminal."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -279,7 +279,9 @@ class _Progress:
     def bar(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, disable=not self.enabled, leave=False, file=sys.stderr)
+        # bars only on a terminal: in a log file every redraw would be a line; the log lines below stay
+        return tqdm(total=total, desc=desc, disable=not (self.enabled and sys.stderr.isatty()), leave=False,
+                    file=sys.stderr)  # fmt: skip
 
     def log(self, msg: str) -> None:
         if self.enabled:
@@ -701,6 +703,7 @@ def _uncertainty(
 
 
 def _finish(out: Path, results: dict[str, Any], timings: dict[str, float], t_start: float) -> dict[str, Any]:
+    from .._io import write_text_atomic
     from .report import write_figures, write_markdown
 
     t0 = time.perf_counter()
@@ -709,6 +712,6 @@ def _finish(out: Path, results: dict[str, Any], timings: dict[str, float], t_sta
     timings["total_s"] = time.perf_counter() - t_start
     results["timings"] = timings
     results = copy.deepcopy(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(write_markdown(results))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.md", write_markdown(results))
     return results
