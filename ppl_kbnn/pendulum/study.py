@@ -275,13 +275,12 @@ class _Progress:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self.bars = enabled and sys.stderr.isatty()  # bars only on a terminal (a log file would get every frame)
 
     def bar(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm
 
-        # bars only on a terminal: in a log file every redraw would be a line; the log lines below stay
-        return tqdm(total=total, desc=desc, disable=not (self.enabled and sys.stderr.isatty()), leave=False,
-                    file=sys.stderr)  # fmt: skip
+        return tqdm(total=total, desc=desc, disable=not self.bars, leave=False, file=sys.stderr)
 
     def log(self, msg: str) -> None:
         if self.enabled:
@@ -404,7 +403,7 @@ def _run(out: Path, quick: bool, seed: int, progress: bool, command: str, s: Stu
     t0 = time.perf_counter()
     losses = pretrain(net, ds.loss_fn(), s.pretrain_steps, n_data=len(ds), lr=s.pretrain_lr,
                       weight_decay=s.pretrain_weight_decay, batch_size=s.pretrain_batch, seed=seed,
-                      progress=progress)  # fmt: skip
+                      progress=P.bars)  # fmt: skip
     timings["pretrain_s"] = time.perf_counter() - t0
     net.eval()
     n_params = sum(p.numel() for p in net.parameters())
