@@ -236,8 +236,60 @@ def test_failed_episode_is_not_a_success(nominal_expert):
     assert ep["rewards"][-1] == 0.0 and np.all(ep["rewards"][:-1] == 1.0)  # v5: no reward when terminating
 
 
+def _dare_doubling(A, B, Q, R, tol=1e-12, max_iter=100):
+    """The structure-preserving doubling algorithm the package used before SciPy (the reference of the swap)."""
+    n = A.shape[0]
+    Ak, Gk, Hk = A.copy(), B @ np.linalg.solve(R, B.T), Q.copy()
+    for _ in range(max_iter):
+        W = np.eye(n) + Gk @ Hk
+        WiA, WiG = np.linalg.solve(W, Ak), np.linalg.solve(W, Gk)
+        H_new = Hk + Ak.T @ Hk @ WiA
+        Gk, Ak = Gk + Ak @ WiG @ Ak.T, Ak @ WiA
+        done = np.linalg.norm(H_new - Hk) <= tol * max(1.0, np.linalg.norm(H_new))
+        Hk = 0.5 * (H_new + H_new.T)
+        if done:
+            break
+    return Hk
+
+
+@pytest.mark.parametrize("name", ["nominal", "gear_x0.15", "gear_x10", "gear_flip", "cart_mass_x10", "pole_mass_x4"])
+def test_dare_swap_keeps_the_numbers(name):
+    A, B = linearize(name)
+    Q, R = np.diag([1.0, 10.0, 1.0, 1.0]), np.array([[0.1]])
+    P_new, P_old = solve_dare(A, B, Q, R), _dare_doubling(A, B, Q, R)
+    assert np.abs(P_new - P_old).max() <= 1e-12 * np.abs(P_old).max()
+    K_new = lqr_gain(name)
+    K_old = np.linalg.solve(R + B.T @ P_old @ B, B.T @ P_old @ A)
+    assert np.abs(K_new - K_old).max() <= 1e-12 * np.abs(K_old).max()
+
+
+def test_dare_not_stabilisable():
+    A, B = np.diag([2.0, 0.5]), np.array([[0.0], [1.0]])  # the unstable mode is not controllable
+    with pytest.raises(ValueError, match="stabilis"):
+        solve_dare(A, B, np.eye(2), np.eye(1))
+
+
 # ---------------------------------------------------------------------------------------------
 # statistics
+
+
+def _wilson_formula(k, n, z):
+    """The closed form the package used before SciPy (the reference of the swap)."""
+    p, z2 = k / n, z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def test_wilson_swap_keeps_the_numbers():
+    for n in (1, 2, 3, 5, 20, 37, 100, 1000):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            for z in (0.5, 1.0, 1.6448536269514722, 1.96, 2.5758293035489, 3.0, 4.0):
+                new, old = wilson_interval(k, n, z=z), _wilson_formula(k, n, z)
+                assert abs(new[0] - old[0]) <= 1e-12 and abs(new[1] - old[1]) <= 1e-12, (k, n, z, new, old)
+    with pytest.raises(ValueError, match="0 < z < 8"):
+        wilson_interval(1, 2, z=9.0)
 
 
 @pytest.mark.parametrize(("k", "n"), [(0, 20), (7, 20), (20, 20), (1, 3)])

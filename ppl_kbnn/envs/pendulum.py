@@ -45,8 +45,8 @@ where ``P`` solves the discrete algebraic Riccati equation (DARE)
 .. math::
     P = Q + A^\top P A - A^\top P B (R + B^\top P B)^{-1} B^\top P A.
 
-:func:`solve_dare` solves it with the structure-preserving doubling algorithm (numpy only, no scipy
-at run time). :class:`ExpertPolicy` clips ``-K x`` to the action bounds ±3. The expert *for* a task
+:func:`solve_dare` solves it with ``scipy.linalg.solve_discrete_are``. :class:`ExpertPolicy` clips
+``-K x`` to the action bounds ±3. The expert *for* a task
 uses that task's linearisation and, for a sensor-bias task, knows the bias and subtracts it from the
 observation before applying the gain; the *nominal* expert (``ExpertPolicy(Task.nominal())``) run
 on a shifted task uses the nominal gain on the raw (possibly biased) observation.
@@ -359,42 +359,27 @@ def linearize(task: Task | str = "nominal", eps: float = 1e-6) -> tuple[np.ndarr
     return A, B
 
 
-def solve_dare(
-    A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndarray, *, tol: float = 1e-12, max_iter: int = 100
-) -> np.ndarray:
-    r"""Stabilising solution ``P`` of ``P = Q + AᵀPA − AᵀPB(R + BᵀPB)⁻¹BᵀPA`` (numpy only).
+def solve_dare(A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndarray) -> np.ndarray:
+    r"""Stabilising solution ``P`` of ``P = Q + AᵀPA − AᵀPB(R + BᵀPB)⁻¹BᵀPA``: ``scipy.linalg.solve_discrete_are``.
 
-    Structure-preserving doubling algorithm (Chu et al. 2004): with ``A₀ = A``, ``G₀ = B R⁻¹ Bᵀ``,
-    ``H₀ = Q`` and ``W = I + G_k H_k``,
-
-    .. math::
-        A_{k+1} = A_k W^{-1} A_k, \quad G_{k+1} = G_k + A_k W^{-1} G_k A_k^\top, \quad
-        H_{k+1} = H_k + A_k^\top H_k W^{-1} A_k,
-
-    ``H_k → P`` quadratically (step ``k`` equals ``2^k`` steps of the Riccati value iteration).
+    SciPy's solver (a generalised Schur decomposition of the extended symplectic pencil); this wrapper
+    checks the shapes, symmetrises the result and checks the residual of the equation.
 
     Raises:
-        ValueError: on bad shapes, or if the iteration does not converge to a solution (e.g.
-            ``(A, B)`` not stabilisable).
+        ValueError: on bad shapes, or if there is no stabilising solution (e.g. ``(A, B)`` not
+            stabilisable).
     """
+    from scipy.linalg import solve_discrete_are
+
     A, B, Q, R = (np.atleast_2d(np.asarray(x, dtype=np.float64)) for x in (A, B, Q, R))
     n, m = B.shape
     if A.shape != (n, n) or Q.shape != (n, n) or R.shape != (m, m):
         raise ValueError(f"solve_dare: shapes A {A.shape}, B {B.shape}, Q {Q.shape}, R {R.shape} do not match")
-    I = np.eye(n)
-    Ak, Gk, Hk = A.copy(), B @ np.linalg.solve(R, B.T), Q.copy()
-    for _ in range(max_iter):
-        W = I + Gk @ Hk
-        WiA = np.linalg.solve(W, Ak)  # W⁻¹ A_k
-        WiG = np.linalg.solve(W, Gk)  # W⁻¹ G_k
-        H_new = Hk + Ak.T @ Hk @ WiA
-        Gk = Gk + Ak @ WiG @ Ak.T
-        Ak = Ak @ WiA
-        done = np.linalg.norm(H_new - Hk) <= tol * max(1.0, np.linalg.norm(H_new))
-        Hk = 0.5 * (H_new + H_new.T)
-        if done:
-            break
-    P = Hk
+    try:
+        P = solve_discrete_are(A, B, Q, R)
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        raise ValueError(f"solve_dare: no stabilising solution (is (A, B) stabilisable?): {exc}") from None
+    P = 0.5 * (P + P.T)
     S = R + B.T @ P @ B
     resid = Q + A.T @ P @ A - A.T @ P @ B @ np.linalg.solve(S, B.T @ P @ A) - P
     if not np.all(np.isfinite(P)) or np.linalg.norm(resid) > 1e-6 * max(1.0, np.linalg.norm(P)):
