@@ -322,7 +322,7 @@ def run_study(
 
     Args:
         out_dir: output folder (created).
-        quick: use :data:`QUICK` instead of :data:`FULL` (about one minute instead of three to five here).
+        quick: use :data:`QUICK` instead of :data:`FULL`: a smoke test of the pipeline, not a result.
         seed: base seed of everything random (network initialisation, data, stream order, evaluation episodes).
         progress: show tqdm progress bars and log lines on stderr.
         command: the command line recorded in the results.
