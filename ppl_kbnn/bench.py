@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from ._io import write_text_atomic
 from .guide import KalmanGuide
 from .inference.result import model_output, tensor_bytes
 from .inference.retrain import Retrainer, point_network
@@ -131,12 +132,12 @@ class BenchSettings:
 
     @classmethod
     def full(cls) -> BenchSettings:
-        """The default run (a few minutes on 2 cores)."""
+        """The default run (measured run times: docs/bench.md)."""
         return cls()
 
     @classmethod
     def quick(cls) -> BenchSettings:
-        """``--quick``: fewer repeats, smaller baselines, ``d_model`` up to 64 (a minute or two)."""
+        """``--quick``: fewer repeats, smaller baselines, ``d_model`` up to 64 (a smoke test)."""
         return cls(repeats=40, retrain_repeats=8, svi_steps=100, nuts_samples=10, nuts_warmup=10, nuts_tree_depth=5,
                    scaling_d=(16, 32, 64), scaling_repeats=5, scaling_budget_s=1.0, profile_updates=10)  # fmt: skip
 
@@ -528,9 +529,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
     h = report["headline"]
     c = h["config"]
     env = report["environment"]
-    lines = [
-        "# ppl-kbnn benchmarks",
-        "",
+    lines = ["# ppl-kbnn benchmarks", ""]
+    if report.get("quick"):
+        lines += ["> **SMOKE TEST (--quick): not a result.** Few repeats, tiny baselines; run without `--quick`.", ""]
+    lines += [
         f"Command: `{report['command']}` — ppl-kbnn {report['version']}, seed {report['seed']}, "
         f"{'quick' if report['quick'] else 'full'} run, {report['elapsed_s']:.0f} s; torch {env['torch']}, "
         f"{env['torch_threads']} thread(s), {env['cpu_count']} CPU(s), load average "
@@ -612,7 +614,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
         )
     lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in FIGURES.values()), ""]
     text = "\n".join(lines)
-    path.write_text(text)
+    write_text_atomic(path, text)
     return text
 
 
@@ -749,7 +751,7 @@ def run_bench(
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     report["figures"] = write_figures(report, out_dir)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / "bench.json", json.dumps(report, indent=2) + "\n")
     write_markdown(report, out_dir / "bench.md")
     log(f"done: {out_dir / 'bench.md'}")
     return report

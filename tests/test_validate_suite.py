@@ -121,7 +121,7 @@ def test_unconverged_nuts_fails_the_run_and_says_why(tmp_path, monkeypatch, caps
     monkeypatch.setitem(posterior.QUICK, "svi_steps", {"mlp-head": 10})
     monkeypatch.setitem(posterior.QUICK, "n_test", 10)
     assert main(["validate", "--quick", "--sections", "posterior", "--no-progress", "--out", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out  # results (the FAILED lines) go to stdout
     assert "FAILED posterior/nuts_converged_mlp-head" in err and "R-hat" in err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] is False

@@ -79,7 +79,7 @@ def test_cli_validate_quick(tmp_path, capsys):
     for name in ("report.md", "softmax.md", "softmax.json", "softmax.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "## Softmax" in (tmp_path / "report.md").read_text()
-    assert "all passed" in capsys.readouterr().err
+    assert "all passed" in capsys.readouterr().out
 
 
 def test_cli_version(capsys):

@@ -1,8 +1,8 @@
-r"""Validation section ``posterior``: KBT vs NUTS vs SVI on identical data and prior (DESIGN §5, rung 5).
+r"""Validation section ``posterior``: KBT vs NUTS vs SVI on identical data and prior.
 
 Problems (:data:`PROBLEMS`), float64:
 
-* ``mlp`` (issue 3): ``Linear(1,16) → ReLU → Linear(16,1)`` pre-trained on ``sin x``
+* ``mlp``: ``Linear(1,16) → ReLU → Linear(16,1)`` pre-trained on ``sin x``
   (:func:`~ppl_kbnn.toy.pretrained_mlp`, seed ``seed``), every weight Bayesian, prior scale 0.1 around the
   pre-trained weights, obs noise 0.1; 50 training samples of ``sin x + 0.3 x`` + noise 0.1
   (:func:`~ppl_kbnn.toy.regression_stream`, seed ``seed + 1``; seed 0 gives exactly the issue-3 data);
@@ -11,7 +11,7 @@ Problems (:data:`PROBLEMS`), float64:
   linear in those weights, so the posterior is Gaussian and KBT-block is exact (conjugate regression on the
   frozen ReLU features): its distance to NUTS measures NUTS's own Monte-Carlo error. It is the cheapest
   problem on which NUTS reaches R-hat ≤ 1.01 (about 1200 draws per chain), so it is the ``--quick`` problem.
-* ``transformer`` (issue 4): d_model 8, 1 layer, 1 head, 6 tokens
+* ``transformer``: d_model 8, 1 layer, 1 head, 6 tokens
   (:func:`~ppl_kbnn.toy.teacher_student_transformer`, seed ``seed``): the student's weights centre the
   prior (scale 0.05, every ``Linear`` Bayesian), the teacher (student + 0.05·N(0, 1) on every parameter)
   generates 40 training samples and 200 held-out samples (noise 0.1), obs noise 0.1. KBT hidden mode
