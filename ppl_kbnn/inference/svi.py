@@ -154,4 +154,6 @@ def svi(
         samples=samples,
         trace=losses,
         fitted=q,
+        model=model,
+        data=(x, y),
     )
