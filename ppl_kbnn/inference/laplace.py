@@ -138,7 +138,7 @@ def laplace(
     *,
     prior_precision: str | float = "marglik",
     map_steps: int = 100,
-    marglik_steps: int = 100,
+    marglik_steps: int = 300,
     marglik_lr: float = 0.1,
 ) -> InferenceResult:
     """A Laplace approximation of the posterior of ``model`` given ``(x, y)`` (see the module docstring).
