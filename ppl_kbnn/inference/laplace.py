@@ -71,9 +71,10 @@ def _import_laplace() -> Any:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the torch deprecation warnings that laplace-torch's backends (curvlinops, torch.jit) raise."""
+    """Silence the torch deprecation warnings that laplace-torch's backends raise (curvlinops calls torch.jit)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"`torch\.jit\.(script|trace)` is deprecated", DeprecationWarning)
+        # DeprecationWarning in torch 2.13, FutureWarning in 2.14
+        warnings.filterwarnings("ignore", r"`torch\.jit\.(script|trace)` is deprecated", Warning)
         yield
 
 
