@@ -246,7 +246,8 @@ def laplace(
         with _quiet():
             f_mu, f_var = la(x_new, pred_type="glm")  # (B, K), (B, K, K)
         var = f_var.diagonal(dim1=-2, dim2=-1) + model.obs_noise**2
-        shape = model_output(point, x_new[:1]).shape[1:]
+        with torch.no_grad():
+            shape = model_output(point, x_new[:1]).shape[1:]
         return f_mu.detach().reshape(-1, *shape), var.detach().sqrt().reshape(-1, *shape)
 
     def sampler(num_draws: int, seed: int) -> dict[str, torch.Tensor]:
@@ -264,7 +265,8 @@ def laplace(
         theta = torch.cat([draws[s].reshape(draws[s].shape[0], -1) for s in sites], 1)  # (S, D)
         Js, f = jacobians(x_new)
         f_lin = f[None] + torch.einsum("bkd,sd->sbk", Js, theta - mean)  # (S, B, K): linearised network
-        shape = model_output(point, x_new[:1]).shape[1:]
+        with torch.no_grad():
+            shape = model_output(point, x_new[:1]).shape[1:]
         return f_lin.reshape(theta.shape[0], -1, *shape)
 
     pp = la.prior_precision
