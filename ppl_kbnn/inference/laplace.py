@@ -54,10 +54,20 @@ STRUCTURES = ("full", "kron", "diag")
 SUBSETS = ("all", "last_layer")
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the torch deprecation warnings that laplace-torch's backends raise (curvlinops calls torch.jit)."""
+    with warnings.catch_warnings():
+        # DeprecationWarning in torch 2.13, FutureWarning in 2.14
+        warnings.filterwarnings("ignore", r"`torch\.jit\.(script|trace)` is deprecated", Warning)
+        yield
+
+
 def _import_laplace() -> Any:
     """``laplace.Laplace``, or an ``ImportError`` that says how to get it."""
     try:
-        from laplace import Laplace
+        with _quiet():
+            from laplace import Laplace
     except ImportError as err:
         raise ImportError('inference.laplace needs laplace-torch: pip install "ppl-kbnn[laplace]"') from err
     except (OSError, RuntimeError) as err:  # e.g. a torchvision build for another torch (CUDA wheel, CPU torch)
@@ -67,15 +77,6 @@ def _import_laplace() -> Any:
             "need it)"
         ) from err
     return Laplace
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the torch deprecation warnings that laplace-torch's backends raise (curvlinops calls torch.jit)."""
-    with warnings.catch_warnings():
-        # DeprecationWarning in torch 2.13, FutureWarning in 2.14
-        warnings.filterwarnings("ignore", r"`torch\.jit\.(script|trace)` is deprecated", Warning)
-        yield
 
 
 class _Flat(nn.Module):
