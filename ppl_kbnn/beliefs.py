@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .kalman import Guards, cross_update
+from .moments._checks import check_psd, check_tensor, check_variance
 
 __all__ = ["BELIEFS", "Belief", "BlockBelief", "DiagBelief", "FullBelief", "Layout", "LowRankBelief"]
 
@@ -236,6 +237,15 @@ class Belief(nn.Module):
     def _counters(self) -> dict:
         return {}
 
+    def check_state(self, state: dict, prefix: str = "") -> None:
+        """Validate a checkpoint of this belief before any of it is loaded: ``state`` maps this belief's
+        ``state_dict`` keys to the checkpoint's values (keys, dtypes and shapes already checked by the guide).
+        Raises ``ValueError`` naming the first bad entry (``prefix`` + key): non-finite, not a covariance (not
+        symmetric, not PSD, negative variance), or a fixed entry that is not this network's."""
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                check_tensor(prefix + k, v)
+
     def _check_finite(self, what: str, *tensors: torch.Tensor) -> None:
         if not all(torch.isfinite(t).all() for t in tensors):
             raise FloatingPointError(f"the update of {what} produced a non-finite belief")
@@ -267,6 +277,30 @@ class _RowBelief(Belief):
 
     def rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"mean_{index}"), getattr(self, f"cov_{index}")
+
+    def check_state(self, state: dict, prefix: str = "") -> None:  # noqa: D102
+        for s in self.layout.slots:
+            i = s.index
+            mask, mean, cov = state[f"mask_{i}"], state[f"mean_{i}"], state[f"cov_{i}"]
+            if not torch.equal(mask, getattr(self, f"mask_{i}")):
+                raise ValueError(f"{prefix}mask_{i}: the Bayesian entries of linear map {s.module!r} differ from this "
+                                 "model's (the checkpoint was saved with another Bayesian subset)")  # fmt: skip
+            check_tensor(f"{prefix}mean_{i}", mean)
+            fixed, where = ~mask, f"linear map {s.module!r}"
+            if not torch.equal(mean[fixed], getattr(self, f"mean_{i}")[fixed]):
+                raise ValueError(f"{prefix}mean_{i}: the fixed (non-Bayesian) weights of {where} differ from this "
+                                 "network's")  # fmt: skip
+            if self.w_kind == "block":
+                check_psd(f"{prefix}cov_{i}", cov)
+                off = fixed[:, :, None] | fixed[:, None, :]  # rows and columns of fixed entries
+                # psd_repair's eigen-reconstruction leaves round-off there
+                tol = 100.0 * cov.shape[-1] * torch.finfo(cov.dtype).eps * float(cov.abs().max())
+                zero = bool((cov[off].abs() <= tol).all())
+            else:
+                check_variance(f"{prefix}cov_{i}", cov)
+                zero = bool((cov[fixed] == 0).all())
+            if not zero:
+                raise ValueError(f"{prefix}cov_{i}: a fixed (non-Bayesian) entry of {where} has non-zero variance")
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rows(index)
@@ -466,6 +500,10 @@ class FullBelief(Belief):
     def add_process_noise(self, q):
         self.cov.diagonal().add_(q)
 
+    def check_state(self, state: dict, prefix: str = "") -> None:  # noqa: D102
+        check_tensor(prefix + "loc", state["loc"])
+        check_psd(prefix + "cov", state["cov"])
+
     def _draw(self, z):
         evals, evecs = torch.linalg.eigh(self.cov)
         root = evecs * evals.clamp_min(0).sqrt()
@@ -579,6 +617,16 @@ class LowRankBelief(Belief):
 
     def _counters(self) -> dict:
         return {"n_truncations": self.n_truncations}
+
+    def check_state(self, state: dict, prefix: str = "") -> None:  # noqa: D102
+        super().check_state(state, prefix)
+        if not (state["prec_diag"] > 0).all():
+            raise ValueError(f"{prefix}prec_diag: the precision's diagonal must be > 0 "
+                             f"(min {state['prec_diag'].min().item():.3g})")  # fmt: skip
+        extra = state.get("_extra_state")
+        n = extra.get("n_truncations") if isinstance(extra, dict) else None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{prefix}_extra_state: expected {{'n_truncations': int >= 0}}, got {extra!r}")
 
     def get_extra_state(self) -> dict:
         return self._counters()

@@ -17,6 +17,9 @@ As a Pyro guide it samples every Bayesian site of the model from the belief, so
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,12 +31,14 @@ from pyro.nn.module import PyroModule
 from torch import nn
 
 from . import __version__
+from ._args import real_arg
 from ._threads import warn_if_oversubscribed
 from .beliefs import BELIEFS, Belief, Layout, LinearSlot
 from .engines import ENGINES, READOUTS, SLR, KBNNChain, KBNNTransformer, NetworkFunction, antithetic_draws
 from .kalman import Guards
 from .model import BayesianModel
 from .moments._checks import check_tensor
+from .nn import DecisionTransformer, Transformer
 from .propagate import MODES
 
 __all__ = ["KalmanGuide"]
@@ -57,8 +62,6 @@ class _Activation:
 
 
 def _is_transformer(net: nn.Module) -> bool:
-    from .nn import DecisionTransformer, Transformer
-
     return isinstance(net, Transformer | DecisionTransformer)
 
 
@@ -98,11 +101,18 @@ def _parse(model: BayesianModel) -> list[_Linear | _Activation]:
     children = list(net.named_children()) if isinstance(net, nn.Sequential) else [("", net)]
     nodes: list[_Linear | _Activation] = []
     n_linear = 0
+    prev: tuple[str, int] | None = None  # (module, out_features) of the previous Linear
     for name, mod in children:
         full = f"net.{name}" if name else "net"
         if isinstance(mod, nn.Linear):
+            if prev is not None and mod.in_features != prev[1]:
+                raise ValueError(
+                    f"the Linear layers do not chain: {full!r} expects {mod.in_features} input features but the "
+                    f"previous Linear {prev[0]!r} gives {prev[1]}"
+                )
             nodes.append(_linear_node(model, name, mod, n_linear))
             n_linear += 1
+            prev = (full, mod.out_features)
         elif (kind := next((v for t, v in _ACTIVATIONS.items() if isinstance(mod, t)), None)) is not None:
             if kind == "gelu" and getattr(mod, "approximate", "none") != "none":
                 raise ValueError(f"unsupported module {full!r}: GELU(approximate={mod.approximate!r}); use exact GELU")
@@ -185,12 +195,15 @@ class KalmanGuide(PyroModule):
         super().__init__()
         if not isinstance(model, BayesianModel):
             raise ValueError(f"model must be a ppl_kbnn.BayesianModel, got {type(model).__name__}")
-        if covariance not in BELIEFS:
+        if not isinstance(covariance, str) or covariance not in BELIEFS:
             raise ValueError(f"covariance must be one of {sorted(BELIEFS)}, got {covariance!r}")
-        if update not in ENGINES:
+        if not isinstance(update, str) or update not in ENGINES:
             raise ValueError(f"update must be one of {sorted(ENGINES)}, got {update!r}")
-        if not process_noise >= 0 or process_noise == float("inf"):
-            raise ValueError(f"process_noise must be finite and >= 0, got {process_noise}")
+        if not isinstance(hidden, str):
+            raise ValueError(f"hidden must be a string, got {hidden!r}")
+        process_noise = real_arg("process_noise", process_noise, minimum=0.0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
         self.transformer = _is_transformer(model.net)
         if self.transformer:
             if hidden not in MODES:
@@ -298,6 +311,10 @@ class KalmanGuide(PyroModule):
             raise ValueError("load_beliefs: the other guide has a different structure or covariance kind")
         if other.belief.signature() != self.belief.signature():
             raise ValueError("load_beliefs: the other guide's belief has different settings")
+        if other.dtype != self.dtype:
+            raise ValueError(f"load_beliefs: the other guide's belief is {other.dtype}, this one {self.dtype}")
+        if other.fixed_weights_fingerprint() != self.fixed_weights_fingerprint():
+            raise ValueError("load_beliefs: the other guide's network has different fixed (non-Bayesian) weights")
         for mine, theirs in zip(self.belief.buffers(), other.belief.buffers(), strict=True):
             mine.copy_(theirs)
         return self
@@ -318,10 +335,20 @@ class KalmanGuide(PyroModule):
         items = x.items() if isinstance(x, Mapping) else [("x", x)]
         if not isinstance(x, Mapping) and not isinstance(x, torch.Tensor):
             raise ValueError(f"x: expected a tensor (N, T, d_in) or a dict of tensors, got {type(x).__name__}")
+        if isinstance(x, Mapping):
+            need, allowed = {"returns_to_go", "states", "actions", "timesteps"}, {"attention_mask"}
+            if not isinstance(self._net, DecisionTransformer):
+                raise ValueError("x: a dict input is for a DecisionTransformer; this network takes a tensor "
+                                 "(N, T, d_in)")  # fmt: skip
+            if not need <= set(x) or not set(x) <= need | allowed:
+                raise ValueError(f"x: expected a dict with keys {sorted(need)} (and optionally 'attention_mask'), "
+                                 f"got {sorted(map(str, x))}")  # fmt: skip
         n = None
         for name, t in items:
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+            if not t.is_floating_point() and name not in ("timesteps", "attention_mask"):
+                raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
             if t.is_floating_point():
                 check_tensor(name, t)  # finite
             if t.is_floating_point() and t.dtype != self.dtype:
@@ -332,9 +359,13 @@ class KalmanGuide(PyroModule):
                 raise ValueError(f"{name}: batch size {t.shape[0]} differs from the other inputs' {n}")
             n = t.shape[0]
         if not isinstance(x, Mapping):
-            d_in = self._net.config.d_in
+            d_in, max_len = self._net.config.d_in, self._net.config.max_len
             if x.dim() != 3 or x.shape[-1] != d_in:
                 raise ValueError(f"x: expected shape (N, T, {d_in}), got {tuple(x.shape)}")
+            if not 1 <= x.shape[1] <= max_len:
+                raise ValueError(f"x: sequence length T={x.shape[1]} must be between 1 and max_len={max_len}")
+        else:
+            self._net._check(x["returns_to_go"], x["states"], x["actions"], x["timesteps"])  # shapes, timestep range
         return x, n
 
     def _check_seq_y(self, y: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
@@ -554,34 +585,120 @@ class KalmanGuide(PyroModule):
             ],  # fmt: skip
         }
 
+    def _settings(self) -> dict:
+        """Settings outside the structure signature that change what an update does; a checkpoint must share them."""
+        out = {"process_noise": self.process_noise, "guards": self.guards.settings(), "observe": self.observe}
+        if self.update_rule == "slr":
+            out |= {"draws": self.draws, "seed": self.seed}
+        return out
+
+    def fixed_weights_fingerprint(self) -> str:
+        """SHA-256 of the network's fixed (non-Bayesian) weights, the buffers of ``model.net`` (names, dtypes, shapes
+        and bytes): the frozen part the belief is a belief about, e.g. a transformer's body under
+        ``bayesian="head"``. Stored in checkpoints; :meth:`load_state_dict` refuses a different one."""
+        h = hashlib.sha256()
+        for name, buf in self._model.net.named_buffers():
+            t = buf.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
     def get_extra_state(self) -> dict:
+        """The guide's non-tensor state: structure signature, update settings, fixed-weights fingerprint, counters."""
         return {
             "version": __version__,
             "signature": self._signature(),
-            "process_noise": self.process_noise,
-            "guards": self.guards.settings(),
+            **self._settings(),
+            "fixed_weights": self.fixed_weights_fingerprint(),
             "guard_counts": dict(self.guards.counts),
             "n_updates": self.n_updates,
             "update_seconds": self.update_seconds,
         }
 
     def set_extra_state(self, state: dict) -> None:
+        """Restore the counters of :meth:`get_extra_state` (validated by :meth:`load_state_dict` before)."""
         self.n_updates = int(state.get("n_updates", 0))
         self.update_seconds = float(state.get("update_seconds", 0.0))
         self.guards.counts.clear()
         self.guards.counts.update(state.get("guard_counts", {}))
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load a belief saved by :meth:`state_dict`; a different structure raises ``ValueError``."""
-        extra = state_dict.get("_extra_state")
-        if not isinstance(extra, dict) or "signature" not in extra:
+    def _check_extra(self, extra: object) -> None:
+        """Validate a checkpoint's ``_extra_state`` against this guide; ``ValueError`` names the first difference."""
+        if not isinstance(extra, Mapping) or not isinstance(extra.get("signature"), Mapping):
             raise ValueError("not a KalmanGuide state dict (no '_extra_state' with a structure signature)")
-        mine, theirs = self._signature(), extra["signature"]
-        theirs = {**theirs, "nodes": [tuple(n) for n in theirs["nodes"]]}
-        if mine != theirs:
-            diffs = [k for k in mine if mine[k] != theirs.get(k)]
+        mine, theirs = self._signature(), dict(extra["signature"])
+        try:
+            theirs["nodes"] = [tuple(n) for n in theirs["nodes"]]
+        except (KeyError, TypeError):
+            raise ValueError("corrupt checkpoint: '_extra_state' signature has no list of nodes") from None
+        want = {**mine, **self._settings()}
+        got = {**theirs, **{k: extra.get(k, "<missing>") for k in self._settings()}}
+        for key in [*want, *(k for k in theirs if k not in want)]:
+            if want.get(key, "<missing>") != got.get(key, "<missing>"):
+                raise ValueError(
+                    f"state dict was saved from a different model/guide (differs in {key}: saved "
+                    f"{got.get(key, '<missing>')!r}, this guide {want.get(key, '<missing>')!r})"
+                )
+        n = extra.get("n_updates")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"corrupt checkpoint: '_extra_state' n_updates must be an int >= 0, got {n!r}")
+        sec = extra.get("update_seconds")
+        if isinstance(sec, bool) or not isinstance(sec, int | float) or not (math.isfinite(sec) and sec >= 0):
+            raise ValueError(f"corrupt checkpoint: '_extra_state' update_seconds must be a number >= 0, got {sec!r}")
+        counts = extra.get("guard_counts")
+        if not isinstance(counts, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in counts.items()
+        ):
+            raise ValueError(f"corrupt checkpoint: '_extra_state' guard_counts must map names to ints >= 0, "
+                             f"got {counts!r}")  # fmt: skip
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a checkpoint saved by :meth:`state_dict`: all of it, or nothing.
+
+        The whole checkpoint is validated before anything is written: its keys; every tensor's type, dtype
+        and shape; the structure signature (covariance, update rule, hidden mode, observation noise, the
+        network's nodes), every update setting (process noise, guards, ``observe``; draws and seed of
+        ``"slr"``); the fingerprint of the network's fixed weights (:meth:`fixed_weights_fingerprint`); the
+        counters; and the belief itself: finite, symmetric, positive semi-definite, fixed entries equal to
+        this network's (:meth:`~ppl_kbnn.beliefs.Belief.check_state`). The first difference raises a
+        ``ValueError`` that names it, and the guide is left bit-identical. ``strict=False`` and ``assign=True``
+        (partial or aliasing loads) are refused.
+        """
+        if strict is not True or assign is not False:
+            raise ValueError("KalmanGuide.load_state_dict loads a whole checkpoint or nothing: strict=False and "
+                             "assign=True are not supported")  # fmt: skip
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"not a KalmanGuide state dict: expected a dict, got {type(state_dict).__name__}")
+        extra = state_dict.get("_extra_state")
+        self._check_extra(extra)
+        current = self.state_dict()
+        missing = [k for k in current if k not in state_dict]
+        if missing:
+            raise ValueError(f"checkpoint is missing key(s) {missing}")
+        unexpected = [k for k in state_dict if k not in current]
+        if unexpected:
+            raise ValueError(f"checkpoint has unexpected key(s) {unexpected}")
+        for k, mine in current.items():
+            if not isinstance(mine, torch.Tensor):
+                continue
+            t = state_dict[k]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{k}: expected a tensor, got {type(t).__name__}")
+            if t.dtype != mine.dtype:
+                raise ValueError(f"{k}: dtype {t.dtype} (checkpoint) differs from this guide's {mine.dtype}; convert "
+                                 "one of them explicitly")  # fmt: skip
+            if t.shape != mine.shape:
+                raise ValueError(f"{k}: shape {tuple(t.shape)} (checkpoint) differs from this guide's "
+                                 f"{tuple(mine.shape)}")  # fmt: skip
+        if extra.get("fixed_weights") != self.fixed_weights_fingerprint():
             raise ValueError(
-                f"state dict was saved from a different model/guide (differs in {', '.join(diffs)}): "
-                f"saved {theirs}, this guide {mine}"
+                "state dict was saved from a different model/guide (differs in fixed_weights: the network's fixed, "
+                "non-Bayesian weights are not the ones the belief was computed with)"
             )
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.belief.check_state({k[7:]: v for k, v in state_dict.items() if k.startswith("belief.")}, "belief.")
+        backup = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in current.items()}
+        try:
+            return super().load_state_dict(state_dict, strict=True)
+        except BaseException:  # only an interruption can get here: put every value back, then re-raise
+            super().load_state_dict(backup, strict=True)
+            raise

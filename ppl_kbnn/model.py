@@ -23,6 +23,8 @@ import torch
 from pyro.nn.module import PyroModule, PyroSample, to_pyro_module_
 from torch import nn
 
+from ._args import real_arg
+
 __all__ = ["BayesianModel", "Input", "RelativeScale"]
 
 
@@ -34,8 +36,8 @@ class RelativeScale:
     floor: float
 
     def __post_init__(self) -> None:
-        if not (self.rel >= 0 and self.floor > 0):
-            raise ValueError(f"RelativeScale needs rel >= 0 and floor > 0, got rel={self.rel}, floor={self.floor}")
+        real_arg("RelativeScale.rel", self.rel, minimum=0.0)
+        real_arg("RelativeScale.floor", self.floor, minimum=0.0, strict=True)
 
 
 PriorScale = float | Mapping[str, float] | RelativeScale
@@ -90,6 +92,11 @@ def _selector(bayesian: BayesianSpec, net: nn.Module, module_names: set[str]) ->
         return in_subset
     if callable(bayesian):
         return lambda mod, par: bool(bayesian(f"{mod}.{par}" if mod else par))
+    if not isinstance(bayesian, Sequence | set | frozenset):
+        raise ValueError(
+            f"bayesian={bayesian!r}: expected 'all', 'head', 'last_block', 'blocks:k', a list of module names or a "
+            "predicate on parameter names"
+        )
     names = list(bayesian)
     unknown = [n for n in names if n not in module_names]
     if unknown:
@@ -147,9 +154,9 @@ class BayesianModel(PyroModule):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise ValueError(f"net must be a torch.nn.Module, got {type(net).__name__}")
-        if not obs_noise > 0:
-            raise ValueError(f"obs_noise must be > 0, got {obs_noise}")
-        self.obs_noise = float(obs_noise)
+        self.obs_noise = real_arg("obs_noise", obs_noise, strict=True)
+        if not isinstance(prior_scale, RelativeScale | Mapping):
+            real_arg("prior_scale", prior_scale, strict=True)  # a scalar: checked before any module is touched
         if observe not in ("auto", "last", "all"):
             raise ValueError(f"observe must be 'auto', 'last' or 'all', got {observe!r}")
         if observe == "auto":
@@ -173,7 +180,15 @@ class BayesianModel(PyroModule):
             delattr(module, par)
             if select(mod_name, par):
                 scale = self._scale(prior_scale, mod_name, value)
-                module.__setattr__(par, PyroSample(_Prior(value, scale)))
+                try:
+                    module.__setattr__(par, PyroSample(_Prior(value, scale)))
+                except (AttributeError, TypeError, RuntimeError) as err:  # e.g. nn.LSTM's flat weight list
+                    torch_cls = next(c for c in type(module).__mro__ if not issubclass(c, PyroModule))
+                    raise ValueError(
+                        f"bayesian: parameter {full!r} of module {mod_name!r} ({torch_cls.__name__}) cannot be made "
+                        f"random: {torch_cls.__name__} does not read its weights as plain attributes ({err}); keep "
+                        "that module fixed (choose the Bayesian subset with bayesian=...)"
+                    ) from err
                 self.priors[f"net.{full}"] = (value, scale)
             else:
                 module.register_buffer(par, value)
@@ -187,11 +202,9 @@ class BayesianModel(PyroModule):
         if isinstance(prior_scale, Mapping):
             if mod_name not in prior_scale:
                 raise ValueError(f"prior_scale: no entry for Bayesian module {mod_name!r} (got {sorted(prior_scale)})")
-            s = float(prior_scale[mod_name])
+            s = real_arg(f"prior_scale[{mod_name!r}]", prior_scale[mod_name], strict=True)
         else:
-            s = float(prior_scale)
-        if not s > 0:
-            raise ValueError(f"prior_scale must be > 0, got {s} for module {mod_name!r}")
+            s = real_arg("prior_scale", prior_scale, strict=True)
         return torch.full_like(value, s)
 
     @property

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._args import bool_arg, real_arg
+
 
 @dataclass
 class Guards:
@@ -37,12 +39,16 @@ class Guards:
     counts: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
-        if self.var_floor < 0:
-            raise ValueError(f"var_floor must be >= 0, got {self.var_floor}")
-        if self.jitter < 0:
-            raise ValueError(f"jitter must be >= 0, got {self.jitter}")
-        if self.gain_clip is not None and not self.gain_clip > 0:
-            raise ValueError(f"gain_clip must be > 0 or None, got {self.gain_clip}")
+        # Each setting must be a finite number: a NaN would compare False everywhere and switch its guard off
+        # silently, an inf would make every update non-finite. Stored as plain Python values.
+        self.var_floor = real_arg("var_floor", self.var_floor, minimum=0.0)
+        self.jitter = real_arg("jitter", self.jitter, minimum=0.0)
+        if self.gain_clip is not None:
+            try:
+                self.gain_clip = real_arg("gain_clip", self.gain_clip, minimum=0.0, strict=True)
+            except ValueError as err:
+                raise ValueError(f"{err} (or None to switch gain clipping off)") from None
+        self.psd_repair = bool_arg("psd_repair", self.psd_repair)
 
     def floor(self, var: torch.Tensor) -> torch.Tensor:
         """Clamp variances at ``var_floor``, counting the entries below it."""

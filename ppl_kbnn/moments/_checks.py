@@ -97,3 +97,20 @@ def check_psd(name: str, c: torch.Tensor) -> None:
         raise ValueError(
             f"{name}: covariance is not positive semi-definite (min eigenvalue {eig_min.min().item():.3g})"
         )
+
+
+def check_batch(**items: tuple[torch.Tensor | None, int]) -> None:
+    """The batch dims of the given tensors broadcast together.
+
+    Each keyword is ``name=(tensor, event_dims)``: the tensor's batch dims are all but its last ``event_dims``
+    dims (e.g. 2 for a mean ``(..., T, d)``, 3 for a ``token`` covariance ``(..., T, d, d)``). ``None``
+    tensors are skipped.
+    """
+    shapes = {name: tuple(t.shape[: max(t.dim() - k, 0)]) for name, (t, k) in items.items() if t is not None}
+    try:
+        torch.broadcast_shapes(*shapes.values())
+    except RuntimeError:
+        desc = ", ".join(f"{name} {s}" for name, s in shapes.items())
+        raise ValueError(
+            f"batch dimensions do not match: {desc}; expected equal (or broadcastable) leading dims"
+        ) from None

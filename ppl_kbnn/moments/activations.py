@@ -49,9 +49,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from ._checks import check_same_dtype, check_tensor, check_variance, is_validating
+from ._checks import check_batch, check_same_dtype, check_tensor, check_variance, is_validating
 from ._gauss import Phi, bvn_equal, hermite, phi
-from .kinds import CovKind, as_kind, check_cov, flatten_joint, marginal_var, unflatten_joint
+from .kinds import CovKind, as_kind, check_cov, cov_event_dims, flatten_joint, marginal_var, unflatten_joint
 
 LAMBDA2 = math.pi / 8.0
 """Probit constant ``λ²`` of the approximation ``sig(x) ≈ Φ(λx)``."""
@@ -285,6 +285,7 @@ def activation_moments(
         check_tensor("mean", mean, min_dim=2)
         check_cov("cov", cov, kind, *mean.shape[-2:])
         check_same_dtype(mean=mean, cov=cov)
+        check_batch(mean=(mean, 2), cov=(cov, cov_event_dims(kind)))
     v = marginal_var(cov, kind)
     # the diag kind needs no series coefficients (no off-diagonal covariance): one term suffices
     e = ACTIVATIONS[activation](mean, v, 1 if kind is CovKind.DIAG else series_order)

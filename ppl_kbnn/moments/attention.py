@@ -47,8 +47,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_psd, check_same_dtype, check_shape, check_tensor, is_validating
-from .kinds import CovKind, as_kind, check_cov
+from ._checks import check_batch, check_psd, check_same_dtype, check_shape, check_tensor, is_validating
+from .kinds import CovKind, as_kind, check_cov, cov_event_dims
 
 # ---------------------------------------------------------------------------------------------
 # masks
@@ -70,14 +70,22 @@ def attention_mask(
         key_padding: optional ``(..., S)`` bool, ``True`` for real (non-padded) keys.
     """
     S = T if S is None else S
+    for name, n in (("T", T), ("S", S)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {n!r}")
     mask = torch.ones(T, S, dtype=torch.bool, device=device)
     if causal:
         mask = torch.tril(mask, diagonal=S - T)
     if key_padding is not None:
-        if key_padding.dtype != torch.bool or key_padding.shape[-1] != S:
-            raise ValueError(
-                f"key_padding: expected a bool tensor (..., {S}), got {key_padding.dtype} {tuple(key_padding.shape)}"
-            )
+        if (
+            not isinstance(key_padding, torch.Tensor)
+            or key_padding.dtype != torch.bool
+            or key_padding.dim() < 1
+            or key_padding.shape[-1] != S
+        ):
+            got = (f"{key_padding.dtype} {tuple(key_padding.shape)}" if isinstance(key_padding, torch.Tensor)
+                   else type(key_padding).__name__)  # fmt: skip
+            raise ValueError(f"key_padding: expected a bool tensor (..., {S}), got {got}")
         mask = mask & key_padding[..., None, :]
     return mask
 
@@ -127,12 +135,13 @@ def score_moments(
         scale: defaults to ``1/√d``.
     """
     kind = as_kind(kind)
+    if is_validating():
+        check_tensor("q_mean", q_mean, min_dim=2)
+        check_tensor("k_mean", k_mean, min_dim=2)
     T, d = q_mean.shape[-2:]
     S = k_mean.shape[-2]
     alpha = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if is_validating():
-        check_tensor("q_mean", q_mean, min_dim=2)
-        check_tensor("k_mean", k_mean, min_dim=2)
         check_shape("k_mean", k_mean, (S, d))
         check_cov("q_cov", q_cov, kind, T, d)
         check_cov("k_cov", k_cov, kind, S, d)
@@ -143,6 +152,10 @@ def score_moments(
                 raise ValueError(f"qk_cov: same-token q-k covariance needs S == T, got T={T}, S={S}")
             want = {CovKind.DIAG: (T, d), CovKind.TOKEN: (T, d, d), CovKind.JOINT: (T, d, S, d)}[kind]
             check_shape("qk_cov", qk_cov, want)
+        c = cov_event_dims(kind)
+        check_batch(q_mean=(q_mean, 2), q_cov=(q_cov, c), k_mean=(k_mean, 2), k_cov=(k_cov, c),
+                    qk_cov=(qk_cov, {CovKind.DIAG: 2, CovKind.TOKEN: 3, CovKind.JOINT: 4}[kind]))  # fmt: skip
+        if qk_cov is not None:
             _check_joint_psd(q_cov, k_cov, qk_cov, kind)
     if kind is CovKind.JOINT:
         return _scores_joint(q_mean, q_cov, k_mean, k_cov, qk_cov, alpha)
@@ -161,8 +174,16 @@ def score_mean(
     scale: float | None = None,
 ) -> torch.Tensor:
     """The mean ``E[S_ts] = scale · (m_{q_t}·m_{k_s} + tr Cov(q_t, k_s))`` of :func:`score_moments` alone
-    (same arguments; no validation), ``(..., T, S)``. Cheap, and differentiable in the means and ``qk_cov``."""
+    (same arguments; only types and shapes are validated), ``(..., T, S)``. Cheap, and differentiable in the
+    means and ``qk_cov``."""
     kind = as_kind(kind)
+    if is_validating():
+        for name, t in (("q_mean", q_mean), ("k_mean", k_mean)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 2:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected a floating-point tensor (..., T, d), got {got}")
+        check_shape("k_mean", k_mean, (None, q_mean.shape[-1]))
+        check_batch(q_mean=(q_mean, 2), k_mean=(k_mean, 2))
     alpha = 1.0 / math.sqrt(q_mean.shape[-1]) if scale is None else float(scale)
     mean = q_mean @ k_mean.mT  # (..., T, S)
     if qk_cov is not None:
@@ -298,15 +319,19 @@ def softmax_moments(
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
-    n = mean.shape[-1]
     if is_validating():
         check_tensor("mean", mean, min_dim=1)
+        check_tensor("cov", cov, min_dim=2)
+    n = mean.shape[-1]
+    if is_validating():
         check_shape("cov", cov, (n, n))
         check_psd("cov", cov)
         check_same_dtype(mean=mean, cov=cov)
         if mask is not None:
-            if mask.dtype != torch.bool or mask.shape[-1] != n:
-                raise ValueError(f"mask: expected a bool tensor (..., {n}), got {mask.dtype} {tuple(mask.shape)}")
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 1 or mask.shape[-1] != n:
+                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"mask: expected a bool tensor (..., {n}), got {got}")
+        check_batch(mean=(mean, 1), cov=(cov, 2), mask=(mask, 1))
     P = _masked_cov(cov, mask)
     p, J = _softmax_point(mean, mask)
     a_mean = _second_order_mean(p, P) if order == 2 else p
@@ -330,12 +355,17 @@ def softmax_joint_moments(
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
-    T, n = mean.shape[-2:]
     if is_validating():
         check_tensor("mean", mean, min_dim=2)
+    T, n = mean.shape[-2:]
+    if is_validating():
         check_cov("cov", cov, "joint", T, n)
-        if mask is not None and (mask.dtype != torch.bool or mask.shape[-2:] != (T, n)):
-            raise ValueError(f"mask: expected a bool tensor (..., {T}, {n}), got {mask.dtype} {tuple(mask.shape)}")
+        check_same_dtype(mean=mean, cov=cov)
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 2
+                                 or mask.shape[-2:] != (T, n)):  # fmt: skip
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask: expected a bool tensor (..., {T}, {n}), got {got}")
+        check_batch(mean=(mean, 2), cov=(cov, 4), mask=(mask, 2))
     if mask is not None:
         valid = mask.reshape(*mask.shape[:-2], T * n)
         cov = cov.reshape(*cov.shape[:-4], T * n, T * n) * (valid[..., :, None] & valid[..., None, :])
@@ -393,11 +423,12 @@ def attention_value_moments(
             (``v_cross``, and ``a_cross`` for ``joint``), returned as ``None``.
     """
     kind = as_kind(kind)
-    T, S = a_mean.shape[-2:]
-    dv = v_mean.shape[-1]
     if is_validating():
         check_tensor("a_mean", a_mean, min_dim=2)
         check_tensor("v_mean", v_mean, min_dim=2)
+    T, S = a_mean.shape[-2:]
+    dv = v_mean.shape[-1]
+    if is_validating():
         check_shape("v_mean", v_mean, (S, dv))
         check_cov("v_cov", v_cov, kind, S, dv)
         if kind is CovKind.JOINT:
@@ -406,6 +437,8 @@ def attention_value_moments(
             check_shape("a_cov", a_cov, (T, S, S))
             check_psd("a_cov", a_cov)
         check_same_dtype(a_mean=a_mean, a_cov=a_cov, v_mean=v_mean, v_cov=v_cov)
+        check_batch(a_mean=(a_mean, 2), a_cov=(a_cov, 4 if kind is CovKind.JOINT else 3), v_mean=(v_mean, 2),
+                    v_cov=(v_cov, cov_event_dims(kind)))  # fmt: skip
     mean = a_mean @ v_mean  # (..., T, dv)
     if kind is CovKind.JOINT:
         Ea = torch.einsum("...ts,...uz->...tsuz", a_mean, a_mean) + a_cov  # E[a_ts a_uz]

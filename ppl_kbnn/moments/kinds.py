@@ -46,6 +46,15 @@ def as_kind(kind: str | CovKind) -> CovKind:
         raise ValueError(f"unknown covariance kind {kind!r}; expected one of {valid}") from None
 
 
+_COV_DIMS = {CovKind.DIAG: 2, CovKind.TOKEN: 3, CovKind.JOINT: 4}
+"""Event dims of a sequence covariance of each kind (the rest are batch dims)."""
+
+
+def cov_event_dims(kind: str | CovKind) -> int:
+    """Number of trailing (non-batch) dims of a sequence covariance of ``kind``: 2, 3 or 4."""
+    return _COV_DIMS[as_kind(kind)]
+
+
 def check_cov(name: str, cov: torch.Tensor, kind: str | CovKind, T: int, d: int) -> None:
     """Validate shape, finiteness, symmetry and PSD-ness of a covariance of the given kind."""
     if not is_validating():

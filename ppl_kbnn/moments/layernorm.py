@@ -28,8 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from ._checks import check_same_dtype, check_shape, check_tensor, is_validating
-from .kinds import CovKind, as_kind, check_cov, token_blocks
+from ._checks import check_batch, check_same_dtype, check_shape, check_tensor, is_validating
+from .kinds import CovKind, as_kind, check_cov, cov_event_dims, token_blocks
 
 
 class LayerNormMoments(NamedTuple):
@@ -79,10 +79,12 @@ def layernorm_moments(
         raise ValueError(f"unknown LayerNorm method {method!r}; expected 'linearised' or 'frozen'")
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
-    T, d = mean.shape[-2:]
     if is_validating():
         check_tensor("mean", mean, min_dim=2)
+    T, d = mean.shape[-2:]
+    if is_validating():
         check_cov("cov", cov, kind, T, d)
+        check_batch(mean=(mean, 2), cov=(cov, cov_event_dims(kind)))
         for name, p in (("weight", weight), ("bias", bias)):
             if p is not None:
                 check_tensor(name, p)

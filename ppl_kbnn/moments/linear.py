@@ -28,8 +28,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from ._checks import check_psd, check_same_dtype, check_shape, check_tensor, check_variance, is_validating
-from .kinds import CovKind, as_kind, check_cov
+from ._checks import (
+    check_batch,
+    check_psd,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+    check_variance,
+    is_validating,
+)
+from .kinds import CovKind, as_kind, check_cov, cov_event_dims
 
 
 class LinearMoments(NamedTuple):
@@ -55,6 +63,8 @@ class LinearMoments(NamedTuple):
 
 def augment(u: torch.Tensor) -> torch.Tensor:
     """``[u; 1]`` along the last dim: ``(..., d) -> (..., d + 1)``."""
+    if is_validating():
+        check_tensor("u", u, min_dim=1)
     return torch.cat([u, u.new_ones(*u.shape[:-1], 1)], dim=-1)
 
 
@@ -115,6 +125,7 @@ def linear_moments(
         if cov is not None:
             check_cov("cov", cov, kind, *mean.shape[-2:])
         check_same_dtype(mean=mean, cov=cov, w_mean=w_mean, w_cov=w_cov)
+        check_batch(mean=(mean, 2), cov=(cov, cov_event_dims(kind)))
     T, d_in = mean.shape[-2:]
     n, p = w_mean.shape
     m_aug = augment(mean) if p == d_in + 1 else mean  # (..., T, p)

@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_same_dtype, check_shape, check_tensor, is_validating
-from .kinds import CovKind, as_kind, check_cov
+from ._checks import check_batch, check_same_dtype, check_shape, check_tensor, is_validating
+from .kinds import CovKind, as_kind, check_cov, cov_event_dims
 
 
 class ResidualMoments(NamedTuple):
@@ -52,10 +52,11 @@ def residual_moments(
     """Moments of ``x + g`` given ``Cov(x, g)`` (``cross_xg``, same layout as the covariances;
     ``diag``: elementwise ``Cov(x_ti, g_ti)``). ``cross_xg=None`` means independent."""
     kind = as_kind(kind)
-    T, d = mean_x.shape[-2:]
     if is_validating():
         check_tensor("mean_x", mean_x, min_dim=2)
         check_tensor("mean_g", mean_g, min_dim=2)
+    T, d = mean_x.shape[-2:]
+    if is_validating():
         check_shape("mean_g", mean_g, (T, d))
         check_cov("cov_x", cov_x, kind, T, d)
         check_cov("cov_g", cov_g, kind, T, d)
@@ -63,6 +64,8 @@ def residual_moments(
             check_tensor("cross_xg", cross_xg)
             check_shape("cross_xg", cross_xg, tuple(cov_x.shape[-(cov_x.dim() - mean_x.dim() + 2) :]))
         check_same_dtype(mean_x=mean_x, cov_x=cov_x, mean_g=mean_g, cov_g=cov_g, cross_xg=cross_xg)
+        c = cov_event_dims(kind)
+        check_batch(mean_x=(mean_x, 2), cov_x=(cov_x, c), mean_g=(mean_g, 2), cov_g=(cov_g, c), cross_xg=(cross_xg, c))
     if cross_xg is None:
         cross_xg = torch.zeros_like(cov_x)
     cross_gx = _transpose(cross_xg, kind)

@@ -51,7 +51,15 @@ def _activation(name: str) -> nn.Module:
     raise ValueError(f"activation={name!r}: expected one of {_ACTIVATIONS}")
 
 
+def _check_ints(**values: object) -> None:
+    """Each value is an ``int`` (not a ``bool``, a float or a string), or a ``ValueError`` naming it."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+
+
 def _check_width(d_model: int, n_head: int, n_layer: int, activation: str) -> None:
+    _check_ints(d_model=d_model, n_head=n_head, n_layer=n_layer)
     if d_model < 1 or n_head < 1 or n_layer < 0:
         raise ValueError(f"need d_model >= 1, n_head >= 1, n_layer >= 0; got {d_model}, {n_head}, {n_layer}")
     if d_model % n_head != 0:
@@ -157,6 +165,7 @@ class TransformerConfig:
     out_tanh: bool = False
 
     def __post_init__(self) -> None:
+        _check_ints(d_in=self.d_in, d_out=self.d_out, max_len=self.max_len)
         _check_width(self.d_model, self.n_head, self.n_layer, self.activation)
         if self.d_in < 1 or self.d_out < 1 or self.max_len < 1:
             raise ValueError(f"need d_in, d_out, max_len >= 1; got {self.d_in}, {self.d_out}, {self.max_len}")
@@ -187,6 +196,9 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, T, d_in) with ``1 <= T <= max_len`` -> (B, T, d_out)."""
         c = self.config
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a floating-point tensor (B, T, d_in={c.d_in}), got {got}")
         if x.ndim != 3 or x.shape[-1] != c.d_in:
             raise ValueError(f"x: expected shape (B, T, d_in={c.d_in}), got {tuple(x.shape)}")
         B, T, _ = x.shape
@@ -231,6 +243,7 @@ class DTConfig:
     action_tanh: bool = True
 
     def __post_init__(self) -> None:
+        _check_ints(state_dim=self.state_dim, act_dim=self.act_dim, max_ep_len=self.max_ep_len, context=self.context)
         _check_width(self.d_model, self.n_head, self.n_layer, self.activation)
         if min(self.state_dim, self.act_dim, self.max_ep_len, self.context) < 1:
             raise ValueError(
@@ -272,6 +285,12 @@ class DecisionTransformer(nn.Module):
         self, returns_to_go: torch.Tensor, states: torch.Tensor, actions: torch.Tensor, timesteps: torch.Tensor
     ) -> None:
         c = self.config
+        for name, t in (("returns_to_go", returns_to_go), ("states", states), ("actions", actions)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected a floating-point tensor, got {got}")
+        if not isinstance(timesteps, torch.Tensor):
+            raise ValueError(f"timesteps: expected a torch.long tensor, got {type(timesteps).__name__}")
         if states.ndim != 3 or states.shape[-1] != c.state_dim:
             raise ValueError(f"states: expected shape (B, K, state_dim={c.state_dim}), got {tuple(states.shape)}")
         B, K, _ = states.shape
