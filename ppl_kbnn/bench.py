@@ -558,23 +558,38 @@ def _scaling(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
                              "state_bytes": state,
                              "ratio": t[name]["median_ms"] / t["adamw"]["median_ms"]})  # fmt: skip
             del p, guides, fns
-    exponents = []
+    exponents = _exponents(s, rows, base, sweeps)
+    return {"base": base, "sweeps": {k: list(v) for k, v in sweeps.items()}, "rows": rows, "exponents": exponents,
+            "hidden": "diag"}  # fmt: skip
+
+
+def _exponents(s: BenchSettings, rows: list[dict[str, Any]], base: dict[str, int],
+               sweeps: dict[str, Sequence[int]]) -> list[dict[str, Any]]:  # fmt: skip
+    """Growth exponents per swept factor (the others at default), and in ``d_model`` at each layer count of
+    ``scaling_extra`` (over the rows with that many layers: the layer sweep's default-width row and the extras)."""
+    groups: list[tuple[str, str, Callable[[dict[str, Any]], bool]]] = []
     for factor, values in sweeps.items():
+        groups.append((factor, factor, lambda r, f=factor, v=tuple(values): all(r[k] == base[k] for k in base
+                                                                                if k != f) and r[f] in v))  # fmt: skip
+    for n_layer in sorted({n for _, n in s.scaling_extra}):
+        groups.append((f"d_model ({n_layer} layers)", "d_model",
+                       lambda r, n=n_layer: r["n_layer"] == n and r["context"] == base["context"]))  # fmt: skip
+    exponents = []
+    for name, factor, keep in groups:
         for dtype_name in s.scaling_dtypes:
             for method in ("adamw", "kbt-diag", "kbt-block"):
                 sel = [r for r in rows if "error" not in r and r["dtype"] == dtype_name and r["method"] == method
-                       and all(r[k] == base[k] for k in base if k != factor) and r[factor] in values]  # fmt: skip
+                       and keep(r)]  # fmt: skip
                 sel.sort(key=lambda r: r[factor])
                 xs = [r[factor] for r in sel]  # (an exponent in the context is the same in tokens, 3·context)
                 exponents.append({
-                    "factor": factor, "dtype": dtype_name,
-                    "method": method, "values": [r[factor] for r in sel],
+                    "factor": name, "dtype": dtype_name,
+                    "method": method, "values": xs,
                     "time_exponent": fit_exponent(xs, [r["median_ms"] for r in sel]),
                     "cpu_time_exponent": fit_exponent(xs, [r["cpu_median_ms"] for r in sel]),
                     "memory_exponent": fit_exponent(xs, [r["state_bytes"] for r in sel]),
                 })  # fmt: skip
-    return {"base": base, "sweeps": {k: list(v) for k, v in sweeps.items()}, "rows": rows, "exponents": exponents,
-            "hidden": "diag"}  # fmt: skip
+    return exponents
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,6 +110,10 @@ def test_scaling_rows_and_exponents(tiny_report):
     assert e["values"] == list(s.scaling_d) and e["time_exponent"] is not None
     assert 1.5 < e["memory_exponent"] < 3.5  # block belief: rows · (in + 1)² ~ d³ (minus lower-order terms)
     assert exps[("n_layer", "float64", "kbt-diag")]["memory_exponent"] < 1.2  # ~linear in layers
+    # the d_model exponent at 2 layers: the layer sweep's default-width row and the scaling_extra rows
+    e2 = exps[("d_model (2 layers)", "float64", "kbt-block")]
+    assert e2["values"] == sorted({s.d_model} | {d for d, n in s.scaling_extra if n == 2})
+    assert 1.5 < e2["memory_exponent"] < 3.5
 
 
 def test_ops_per_update_in_headline(tiny_report):
