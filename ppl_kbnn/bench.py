@@ -30,6 +30,10 @@ What is measured (``run_bench`` writes ``bench.json``, ``bench.md`` and PNGs; do
    (``Linear(1, 50) → ReLU → Linear(50, 1)``, float64, one thread), its KBNN block and diag updates
    against one AdamW step of the same network, side by side (interleaved repeats, medians).
 
+6. **Belief structures** (:mod:`ppl_kbnn.bench_beliefs`) — every belief structure and update rule of the guide
+   (``block``/``diag`` + ``kbnn``, ``diag``/``lowrank``/``full`` + ``ekf``, ``lowrank`` + ``slr``) against the AdamW
+   step at ``d_model`` up to 64: update time, ratios to AdamW and to KBT-block, belief bytes, growth exponents.
+
 Timing is a plain repeated loop (warm-up calls first, then ``repeats`` timed calls per method, medians)
 — the equivalent of ``torch.utils.benchmark.Timer`` with interleaving, which that Timer cannot do.
 """
@@ -54,6 +58,8 @@ import torch
 
 from . import __version__
 from ._io import write_text_atomic
+from .bench_beliefs import belief_family
+from .bench_beliefs import markdown as belief_markdown
 from .guide import KalmanGuide
 from .inference.result import model_output, tensor_bytes
 from .inference.retrain import Retrainer, point_network
@@ -736,6 +742,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
             f"| {e['factor']} | {e['dtype']} | {e['method']} | {', '.join(map(str, e['values']))} | "
             f"{_f(e['time_exponent'])} | {_f(e['cpu_time_exponent'])} | {_f(e['memory_exponent'])} |"
         )
+    if "beliefs" in report:
+        lines += belief_markdown(report["beliefs"])
     lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in FIGURES.values()), ""]
     text = "\n".join(lines)
     write_text_atomic(path, text)
@@ -857,6 +865,7 @@ def run_bench(
         retrain = _retrain(s, seed, log, {m: kbt[m]["state_bytes"] for m in ("kbt-diag", "kbt-block")})
         svi_nuts = _svi_nuts(s, seed, log, {m: kbt[m]["median_ms"] for m in ("kbt-diag", "kbt-block")})
         scaling = _scaling(s, seed, log)
+        beliefs = belief_family(s, seed, log, d_models=tuple(d for d in s.scaling_d if d <= 64))
     finally:
         torch.set_num_threads(old_threads)
     env = _environment(s.threads)
@@ -874,6 +883,7 @@ def run_bench(
         "retrain": retrain,
         "svi_nuts": svi_nuts,
         "scaling": scaling,
+        "beliefs": beliefs,
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     report["figures"] = write_figures(report, out_dir)

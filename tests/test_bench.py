@@ -171,3 +171,24 @@ def test_cli_dispatch(tmp_path, monkeypatch):
     assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     assert seen["quick"] is True and seen["progress"] is False and seen["out_dir"] == tmp_path
     assert seen["command"].startswith("ppl-kbnn bench --quick")
+
+
+def test_belief_family_section(tiny_report):
+    """Every (covariance, update) pair of the belief section is timed against AdamW at each d_model (or says why
+    not), with its bytes; the low-rank belief holds D (r + 2) numbers: mean, diagonal and the rank-r factor."""
+    from ppl_kbnn.bench_beliefs import COMBOS, RANK
+
+    _, report = tiny_report
+    sec = report["beliefs"]
+    for d in sec["d_models"]:
+        rows = {r["method"]: r for r in sec["rows"] if r["d_model"] == d}
+        assert set(rows) == {"adamw", *(f"{c}-{u}" for c, u in COMBOS)}
+        assert rows["block-kbnn"]["ratio_to_kbt_block"] == 1.0
+        for name, r in rows.items():
+            if "skipped" in r or name == "adamw":
+                continue
+            assert r["median_ms"] > 0 and r["ratio_to_adamw"] > 0 and r["state_bytes"] > 0
+        low = rows["lowrank-ekf"]
+        assert low["state_bytes"] == low["n_params"] * (RANK + 2) * 8
+        assert low["lowrank_numbers_ratio"] == pytest.approx((RANK + 2) / (RANK + 1))
+    assert {e["method"] for e in sec["exponents"]} == {"adamw", *(f"{c}-{u}" for c, u in COMBOS)}
