@@ -223,7 +223,8 @@ class Belief(nn.Module):
 
     def snapshot(self) -> dict:
         """A copy of the whole state (buffers and counters), for :meth:`restore`."""
-        return {"buffers": {k: v.clone() for k, v in self.named_buffers()}, "attrs": dict(self._counters())}
+        state = {k: v.clone() for k, v in self.named_buffers() if not k.startswith("mask_")}  # masks never change
+        return {"buffers": state, "attrs": dict(self._counters())}
 
     def restore(self, snap: dict) -> None:
         """Put back a :meth:`snapshot` in place (nothing else changes)."""

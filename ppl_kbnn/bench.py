@@ -21,9 +21,18 @@ What is measured (``run_bench`` writes ``bench.json``, ``bench.md`` and PNGs; do
 4. **SVI and NUTS** — batch methods: a new sample costs a refit on all ``n`` samples; reported are the
    refit time and the refit time per sample (``/ n``), at stated (small) settings.
 5. **Scaling** — ``d_model`` ∈ {16, 32, 64, 128}, layers ∈ {1, 2, 3}, context ∈ {5, 10, 20}, each
-   swept from the default with the others at default, in float64 and float32: median update time of
-   KBT-diag, KBT-block (``hidden="diag"``) and the AdamW step, belief bytes, and the growth exponent
-   ``b`` of ``time ∝ x^b`` (least squares on log-log) per swept factor.
+   swept from the default with the others at default, plus 2-layer networks of ``d_model`` 64 and 128,
+   in float64 and float32: median update time of KBT-diag, KBT-block (``hidden="diag"``) and the AdamW
+   step, belief bytes, and the growth exponent ``b`` of ``time ∝ x^b`` (least squares on log-log) per
+   swept factor.
+6. **Overhead** — ATen operations per update (:func:`count_ops`, ``torch.profiler``) of every headline
+   method, and a small network where the per-operation overhead is all there is: a 1-50-1 ReLU MLP
+   (``Linear(1, 50) → ReLU → Linear(50, 1)``, float64, one thread), its KBNN block and diag updates
+   against one AdamW step of the same network, side by side (interleaved repeats, medians).
+
+6. **Belief structures** (:mod:`ppl_kbnn.bench_beliefs`) — every belief structure and update rule of the guide
+   (``block``/``diag`` + ``kbnn``, ``diag``/``lowrank``/``full`` + ``ekf``, ``lowrank`` + ``slr``) against the AdamW
+   step at ``d_model`` up to 64: update time, ratios to AdamW and to KBT-block, belief bytes, growth exponents.
 
 Timing is a plain repeated loop (warm-up calls first, then ``repeats`` timed calls per method, medians)
 — the equivalent of ``torch.utils.benchmark.Timer`` with interleaving, which that Timer cannot do.
@@ -48,6 +57,9 @@ from typing import Any
 import torch
 
 from . import __version__
+from ._io import write_text_atomic
+from .bench_beliefs import belief_family
+from .bench_beliefs import markdown as belief_markdown
 from .guide import KalmanGuide
 from .inference.result import model_output, tensor_bytes
 from .inference.retrain import Retrainer, point_network
@@ -57,7 +69,9 @@ from .nn import DecisionTransformer, DTConfig
 __all__ = [
     "FIGURES",
     "TARGETS",
+    "MLP_TARGET_MS",
     "BenchSettings",
+    "count_ops",
     "fit_exponent",
     "run_bench",
     "time_interleaved",
@@ -68,8 +82,11 @@ __all__ = [
 FIGURES = {"times": "bench_times.png", "scaling": "bench_scaling.png", "memory": "bench_memory.png"}
 """The figures ``run_bench`` writes, by key."""
 
-TARGETS = {"kbt-diag": 5.0, "kbt-block": 50.0}
+TARGETS = {"kbt-diag": 2.0, "kbt-block": 3.0}
 """Acceptance limits of (KBT update time) / (AdamW step time) at the default size, ``hidden="diag"``."""
+
+MLP_TARGET_MS = 0.15
+"""Acceptance limit of one block update of the 1-50-1 ReLU MLP at one thread, in milliseconds."""
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -90,11 +107,14 @@ class BenchSettings:
         svi_n, svi_steps: data size and optimiser steps of the SVI fit (AutoNormal).
         nuts_n, nuts_samples, nuts_warmup, nuts_tree_depth, nuts_jit: the NUTS fit (one chain).
         scaling_d, scaling_layers, scaling_context, scaling_dtypes: the sweeps.
+        scaling_extra: further ``(d_model, layers)`` configurations (context at default), outside the sweeps.
         scaling_repeats: timed calls per method and configuration; scaling_budget_s caps the time
             spent on one method at one configuration (fewer repeats for the slowest, at least 3).
         block_max_bytes: KBT-block is skipped where its belief would exceed this many bytes.
         profile_updates: updates run under cProfile.
         threads: ``torch.set_num_threads`` for the whole run (restored afterwards).
+        mlp_hidden, mlp_prior_scale, mlp_obs_noise: the small MLP ``Linear(1, h) → ReLU → Linear(h, 1)``.
+        mlp_repeats: timed calls per method of the MLP loop (after ``warmup`` untimed rounds).
     """
 
     state_dim: int = 4
@@ -123,22 +143,28 @@ class BenchSettings:
     scaling_layers: tuple[int, ...] = (1, 2, 3)
     scaling_context: tuple[int, ...] = (5, 10, 20)
     scaling_dtypes: tuple[str, ...] = ("float64", "float32")
+    scaling_extra: tuple[tuple[int, int], ...] = ((64, 2), (128, 2))
     scaling_repeats: int = 50
     scaling_budget_s: float = 10.0
     block_max_bytes: int = 2 * 1024**3
     profile_updates: int = 50
     threads: int = 1
+    mlp_hidden: int = 50
+    mlp_prior_scale: float = 0.1
+    mlp_obs_noise: float = 0.1
+    mlp_repeats: int = 2000
 
     @classmethod
     def full(cls) -> BenchSettings:
-        """The default run (a few minutes on 2 cores)."""
+        """The default run (measured run times: docs/bench.md)."""
         return cls()
 
     @classmethod
     def quick(cls) -> BenchSettings:
-        """``--quick``: fewer repeats, smaller baselines, ``d_model`` up to 64 (a minute or two)."""
+        """``--quick``: fewer repeats, smaller baselines, ``d_model`` up to 64 (a smoke test)."""
         return cls(repeats=40, retrain_repeats=8, svi_steps=100, nuts_samples=10, nuts_warmup=10, nuts_tree_depth=5,
-                   scaling_d=(16, 32, 64), scaling_repeats=5, scaling_budget_s=1.0, profile_updates=10)  # fmt: skip
+                   scaling_d=(16, 32, 64), scaling_extra=((64, 2),), scaling_repeats=5, scaling_budget_s=1.0,
+                   profile_updates=10, mlp_repeats=500)  # fmt: skip
 
     @classmethod
     def tiny(cls) -> BenchSettings:
@@ -146,7 +172,8 @@ class BenchSettings:
         return cls(d_model=8, context=2, repeats=3, warmup=1, retrain_memories=(2,), retrain_epochs=1,
                    retrain_repeats=2, svi_n=4, svi_steps=3, nuts_n=4, nuts_samples=4, nuts_warmup=2,
                    nuts_tree_depth=2, nuts_jit=False, scaling_d=(8, 16), scaling_layers=(1, 2), scaling_context=(2, 3),
-                   scaling_repeats=2, scaling_budget_s=0.2, profile_updates=2)  # fmt: skip
+                   scaling_extra=((16, 2),), scaling_repeats=2, scaling_budget_s=0.2, profile_updates=2, mlp_hidden=8,
+                   mlp_repeats=3)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,16 +184,20 @@ class BenchSettings:
 class _Problem:
     """A decision transformer made Bayesian, a pool of random samples, and the methods' update calls."""
 
-    net: DecisionTransformer
+    net: torch.nn.Module
     model: BayesianModel
-    x: dict[str, torch.Tensor]
+    x: dict[str, torch.Tensor] | torch.Tensor  # a dict for a decision transformer, a tensor for an MLP
     y: torch.Tensor
 
-    def sample(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def sample(self, i: int) -> tuple[dict[str, torch.Tensor] | torch.Tensor, torch.Tensor]:
         i = i % self.y.shape[0]
+        if isinstance(self.x, torch.Tensor):
+            return self.x[i : i + 1], self.y[i : i + 1]
         return {k: v[i : i + 1] for k, v in self.x.items()}, self.y[i : i + 1]
 
-    def batch(self, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def batch(self, n: int) -> tuple[dict[str, torch.Tensor] | torch.Tensor, torch.Tensor]:
+        if isinstance(self.x, torch.Tensor):
+            return self.x[:n], self.y[:n]
         return {k: v[:n] for k, v in self.x.items()}, self.y[:n]
 
     @property
@@ -294,6 +325,21 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
 
 
+def count_ops(fn: Callable[[], Any]) -> dict[str, int]:
+    """ATen operations that one call of ``fn`` runs, counted with ``torch.profiler`` (CPU activity).
+
+    Returns ``{"aten": every aten:: event, nested ones included (what the dispatcher runs: the count the
+    overhead discussion uses), "top": the outermost aten:: events (the calls made from Python or autograd)}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = sum(1 for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    return {"aten": len(events), "top": top}
+
+
 # ---------------------------------------------------------------------------------------------
 # sections
 
@@ -319,15 +365,16 @@ def _headline(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
             fns[f"kbt-{cov}/{hidden}"], guides[f"kbt-{cov}/{hidden}"] = _kbt_update(p, cov, hidden)
     log(f"headline: {len(fns)} methods x {s.repeats} repeats")
     times = time_interleaved(fns, s.repeats, s.warmup)
+    ops = {name: count_ops(lambda fn=fn: fn(0)) for name, fn in fns.items()}  # after the warm-up: steady state
     base = times["adamw"]
     rows = [{"method": "adamw", "hidden": None, **base, "ratio": 1.0, "cpu_ratio": 1.0,
-             "state_bytes": adamw_bytes(), "memory_ratio": 1.0}]  # fmt: skip
+             "state_bytes": adamw_bytes(), "memory_ratio": 1.0, "ops": ops["adamw"]}]  # fmt: skip
     for key, guide in guides.items():
         t = times[key]
         rows.append({
             "method": key.split("/")[0], "hidden": guide.hidden, **t,
             "ratio": t["median_ms"] / base["median_ms"], "cpu_ratio": t["cpu_median_ms"] / base["cpu_median_ms"],
-            "state_bytes": guide.belief_bytes, "memory_ratio": guide.belief_bytes / adamw_bytes(),
+            "state_bytes": guide.belief_bytes, "memory_ratio": guide.belief_bytes / adamw_bytes(), "ops": ops[key],
         })  # fmt: skip
     targets = {}
     for method, limit in TARGETS.items():
@@ -339,6 +386,42 @@ def _headline(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
               "n_params": p.n_params, "prior_scale": s.prior_scale, "obs_noise": s.obs_noise,
               "bayesian": "all", "observe": p.model.observe}  # fmt: skip
     return {"config": config, "rows": rows, "targets": targets}
+
+
+def _mlp(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
+    """KBNN block and diag updates of a ``1-h-1`` ReLU MLP against one AdamW step of it, side by side."""
+    n = s.mlp_repeats + s.warmup + 1
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(1, s.mlp_hidden), torch.nn.ReLU(), torch.nn.Linear(s.mlp_hidden, 1))
+    net = net.to(torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = 2.0 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    y = torch.sin(x) + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    model = BayesianModel(net, prior_scale=s.mlp_prior_scale, obs_noise=s.mlp_obs_noise)
+    p = _Problem(net, model, x, y)
+    adamw, adamw_bytes = _adamw_step(p, s.adamw_lr)
+    fns: dict[str, Callable[[int], None]] = {"adamw": adamw}
+    guides: dict[str, KalmanGuide] = {}
+    for cov in ("block", "diag"):
+        fns[f"kbnn-{cov}"], guides[f"kbnn-{cov}"] = _kbt_update(p, cov, "diag")
+    log(f"mlp 1-{s.mlp_hidden}-1: {len(fns)} methods x {s.mlp_repeats} repeats")
+    times = time_interleaved(fns, s.mlp_repeats, s.warmup)
+    ops = {name: count_ops(lambda fn=fn: fn(0)) for name, fn in fns.items()}
+    base = times["adamw"]
+    rows = []
+    for name in ("kbnn-block", "kbnn-diag", "adamw"):
+        t = times[name]
+        state = adamw_bytes() if name == "adamw" else guides[name].belief_bytes
+        rows.append({"method": name, **t, "ratio": t["median_ms"] / base["median_ms"],
+                     "cpu_ratio": t["cpu_median_ms"] / base["cpu_median_ms"], "ops": ops[name],
+                     "state_bytes": state})  # fmt: skip
+    block = rows[0]
+    target = {"limit_ms": MLP_TARGET_MS, "median_ms": block["median_ms"], "cpu_median_ms": block["cpu_median_ms"],
+              "met": block["median_ms"] <= MLP_TARGET_MS,
+              "cpu_met": block["cpu_median_ms"] <= MLP_TARGET_MS}  # fmt: skip
+    config = {"width": s.mlp_hidden, "n_params": p.n_params, "prior_scale": s.mlp_prior_scale,
+              "obs_noise": s.mlp_obs_noise, "dtype": "float64", "hidden": "diag"}  # fmt: skip
+    return {"config": config, "rows": rows, "target": target}
 
 
 def _breakdown(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
@@ -454,6 +537,10 @@ def _scaling(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
             c = {**base, factor: v}
             if c not in configs:
                 configs.append(c)
+    for d_model, n_layer in s.scaling_extra:  # outside the one-factor sweeps (not in the exponents)
+        c = {**base, "d_model": d_model, "n_layer": n_layer}
+        if c not in configs:
+            configs.append(c)
     rows = []
     n = s.scaling_repeats + 2
     for dtype_name in s.scaling_dtypes:
@@ -478,23 +565,38 @@ def _scaling(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
                              "state_bytes": state,
                              "ratio": t[name]["median_ms"] / t["adamw"]["median_ms"]})  # fmt: skip
             del p, guides, fns
-    exponents = []
+    exponents = _exponents(s, rows, base, sweeps)
+    return {"base": base, "sweeps": {k: list(v) for k, v in sweeps.items()}, "rows": rows, "exponents": exponents,
+            "hidden": "diag"}  # fmt: skip
+
+
+def _exponents(s: BenchSettings, rows: list[dict[str, Any]], base: dict[str, int],
+               sweeps: dict[str, Sequence[int]]) -> list[dict[str, Any]]:  # fmt: skip
+    """Growth exponents per swept factor (the others at default), and in ``d_model`` at each layer count of
+    ``scaling_extra`` (over the rows with that many layers: the layer sweep's default-width row and the extras)."""
+    groups: list[tuple[str, str, Callable[[dict[str, Any]], bool]]] = []
     for factor, values in sweeps.items():
+        groups.append((factor, factor, lambda r, f=factor, v=tuple(values): all(r[k] == base[k] for k in base
+                                                                                if k != f) and r[f] in v))  # fmt: skip
+    for n_layer in sorted({n for _, n in s.scaling_extra}):
+        groups.append((f"d_model ({n_layer} layers)", "d_model",
+                       lambda r, n=n_layer: r["n_layer"] == n and r["context"] == base["context"]))  # fmt: skip
+    exponents = []
+    for name, factor, keep in groups:
         for dtype_name in s.scaling_dtypes:
             for method in ("adamw", "kbt-diag", "kbt-block"):
                 sel = [r for r in rows if "error" not in r and r["dtype"] == dtype_name and r["method"] == method
-                       and all(r[k] == base[k] for k in base if k != factor) and r[factor] in values]  # fmt: skip
+                       and keep(r)]  # fmt: skip
                 sel.sort(key=lambda r: r[factor])
                 xs = [r[factor] for r in sel]  # (an exponent in the context is the same in tokens, 3·context)
                 exponents.append({
-                    "factor": factor, "dtype": dtype_name,
-                    "method": method, "values": [r[factor] for r in sel],
+                    "factor": name, "dtype": dtype_name,
+                    "method": method, "values": xs,
                     "time_exponent": fit_exponent(xs, [r["median_ms"] for r in sel]),
                     "cpu_time_exponent": fit_exponent(xs, [r["cpu_median_ms"] for r in sel]),
                     "memory_exponent": fit_exponent(xs, [r["state_bytes"] for r in sel]),
                 })  # fmt: skip
-    return {"base": base, "sweeps": {k: list(v) for k, v in sweeps.items()}, "rows": rows, "exponents": exponents,
-            "hidden": "diag"}  # fmt: skip
+    return exponents
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,14 +625,43 @@ def _label(row: dict[str, Any]) -> str:
     return f"KBT-{row['method'].removeprefix('kbt-')} (hidden={row['hidden']})"
 
 
+def _ops(row: dict[str, Any]) -> str:
+    return f"{row['ops']['aten']} / {row['ops']['top']}" if "ops" in row else "—"
+
+
+def _mlp_markdown(m: dict[str, Any]) -> list[str]:
+    c, t = m["config"], m["target"]
+    lines = [f"## Overhead: a 1-{c['width']}-1 ReLU MLP, update vs one AdamW step", "",
+             f"`Linear(1, {c['width']}) → ReLU → Linear({c['width']}, 1)`, {c['n_params']} Bayesian weights, "
+             f"prior scale {c['prior_scale']:g}, noise {c['obs_noise']:g}, float64, one thread; `KalmanGuide(model, "
+             f"covariance=...)` (hidden=diag: KBNN) `.update(x_i, y_i)` and one AdamW step of the same network on the "
+             f"same sample, side by side ({m['rows'][0]['n']} interleaved repeats, medians). ATen ops: every `aten::` "
+             "event of one call in `torch.profiler` (nested ones included) / the outermost ones.", "",
+             "| method | wall median (ms) | wall IQR (ms) | ratio to AdamW | CPU median (ms) | CPU ratio "
+             "| ATen ops (all / top-level) | state |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    names = {"kbnn-block": "KBNN block update", "kbnn-diag": "KBNN diag update", "adamw": "AdamW step"}
+    for r in m["rows"]:
+        lines.append(f"| {names.get(r['method'], r['method'])} | {r['median_ms']:.3f} | {r['q25_ms']:.3f}–"
+                     f"{r['q75_ms']:.3f} | {r['ratio']:.2f} | {r['cpu_median_ms']:.3f} | {r['cpu_ratio']:.2f} | "
+                     f"{_ops(r)} | {_bytes(r['state_bytes'])} |")  # fmt: skip
+    verdict = "met" if t["met"] else "NOT met"
+    if t["met"] != t["cpu_met"]:
+        verdict += f" on wall time, {'met' if t['cpu_met'] else 'not met'} on CPU time"
+    lines += ["", f"Target: block update ≤ {t['limit_ms']:g} ms — {t['median_ms']:.3f} ms "
+                  f"(CPU {t['cpu_median_ms']:.3f} ms): {verdict}.", ""]  # fmt: skip
+    return lines
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> str:
     """``bench.md`` from a ``bench.json`` dict (also returned as a string)."""
     h = report["headline"]
     c = h["config"]
     env = report["environment"]
-    lines = [
-        "# ppl-kbnn benchmarks",
-        "",
+    lines = ["# ppl-kbnn benchmarks", ""]
+    if report.get("quick"):
+        lines += ["> **SMOKE TEST (--quick): not a result.** Few repeats, tiny baselines; run without `--quick`.", ""]
+    lines += [
         f"Command: `{report['command']}` — ppl-kbnn {report['version']}, seed {report['seed']}, "
         f"{'quick' if report['quick'] else 'full'} run, {report['elapsed_s']:.0f} s; torch {env['torch']}, "
         f"{env['torch_threads']} thread(s), {env['cpu_count']} CPU(s), load average "
@@ -544,17 +675,18 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
         f"sample (rotating order); {h['rows'][0]['n']} repeats; medians. Wall: `perf_counter`; CPU: `thread_time`.",
         "",
         "| method | wall median (ms) | wall IQR (ms) | ratio to AdamW | CPU median (ms) | CPU ratio | state "
-        "| state / AdamW state |",
-        "|---|---|---|---|---|---|---|---|",
+        "| state / AdamW state | ATen ops (all / top-level) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in h["rows"]:
         lines.append(f"| {_label(r)} | {r['median_ms']:.2f} | {r['q25_ms']:.2f}–{r['q75_ms']:.2f} | "
                      f"{r['ratio']:.2f} | {r['cpu_median_ms']:.2f} | {r['cpu_ratio']:.2f} | "
-                     f"{_bytes(r['state_bytes'])} | {r['memory_ratio']:.1f} |")  # fmt: skip
+                     f"{_bytes(r['state_bytes'])} | {r['memory_ratio']:.1f} | {_ops(r)} |")  # fmt: skip
     lines += ["", "Targets (hidden=diag): " + "; ".join(
         f"{m}: ratio {t['ratio']:.2f} (CPU {t['cpu_ratio']:.2f}) ≤ {t['limit']:g} — "
         f"{'met' if t['met'] else 'NOT met'}{'' if t['met'] == t['cpu_met'] else ' on wall time, ' + ('met' if t['cpu_met'] else 'not met') + ' on CPU time'}"  # noqa: E501
         for m, t in h["targets"].items()) + ".", ""]  # fmt: skip
+    lines += _mlp_markdown(report["mlp"])
     b = report["breakdown"]
     lines += ["## Where the update time goes (hidden=diag)", "",
               "| | " + " | ".join(b_name for b_name in b if b_name != "profile") + " |",
@@ -610,9 +742,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
             f"| {e['factor']} | {e['dtype']} | {e['method']} | {', '.join(map(str, e['values']))} | "
             f"{_f(e['time_exponent'])} | {_f(e['cpu_time_exponent'])} | {_f(e['memory_exponent'])} |"
         )
+    if "beliefs" in report:
+        lines += belief_markdown(report["beliefs"])
     lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in FIGURES.values()), ""]
     text = "\n".join(lines)
-    path.write_text(text)
+    write_text_atomic(path, text)
     return text
 
 
@@ -725,11 +859,13 @@ def run_bench(
     t0 = time.perf_counter()
     try:
         headline = _headline(s, seed, log)
+        mlp = _mlp(s, seed, log)
         breakdown = _breakdown(s, seed, log)
         kbt = {r["method"]: r for r in headline["rows"] if r["hidden"] == "diag"}
         retrain = _retrain(s, seed, log, {m: kbt[m]["state_bytes"] for m in ("kbt-diag", "kbt-block")})
         svi_nuts = _svi_nuts(s, seed, log, {m: kbt[m]["median_ms"] for m in ("kbt-diag", "kbt-block")})
         scaling = _scaling(s, seed, log)
+        beliefs = belief_family(s, seed, log, d_models=tuple(d for d in s.scaling_d if d <= 64))
     finally:
         torch.set_num_threads(old_threads)
     env = _environment(s.threads)
@@ -742,14 +878,16 @@ def run_bench(
         "settings": asdict(s),
         "environment": env,
         "headline": headline,
+        "mlp": mlp,
         "breakdown": breakdown,
         "retrain": retrain,
         "svi_nuts": svi_nuts,
         "scaling": scaling,
+        "beliefs": beliefs,
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     report["figures"] = write_figures(report, out_dir)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / "bench.json", json.dumps(report, indent=2) + "\n")
     write_markdown(report, out_dir / "bench.md")
     log(f"done: {out_dir / 'bench.md'}")
     return report

@@ -8,6 +8,15 @@ validation sections of :data:`SECTIONS`, writes each section's files into ``DIR`
 (:func:`ppl_kbnn.pendulum.run_study`: ``results.json``, ``results.md``, PNGs);
 ``ppl-kbnn bench [--quick] [--out DIR]`` the benchmarks (:func:`ppl_kbnn.bench.run_bench`:
 ``bench.json``, ``bench.md``, PNGs).
+
+Conventions of every command: results (the summary lines, the paths of the reports) go to stdout,
+progress to stderr; progress bars are drawn only when stderr is a terminal (otherwise one line per
+stage), ``--no-progress`` hides the progress and nothing else. A ``--quick`` run is a smoke test and
+says so on stdout, in its markdown report and in its figures. Before a run, the earlier outputs of the
+same command in ``--out`` (the files listed by :data:`OUTPUTS`, nothing else) are removed, so an
+interrupted run never leaves a complete-looking earlier report beside its own partial outputs; the
+reports are written atomically (temporary file, then rename). A user error (bad option, unusable
+``--out``, bad setting) prints one line on stderr and exits with 2.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._io import OutputDirError, prepare_out_dir, write_text_atomic
 
 Section = Callable[..., dict[str, Any]]
 
@@ -70,6 +80,32 @@ SECTIONS: dict[str, Section] = {
 }
 
 
+SMOKE_TEST = "SMOKE TEST (--quick): not a result"
+
+# command -> the file names / glob patterns of its outputs in --out, summary files first (removed before a run)
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "validate": (
+        "report.json",
+        "report.md",
+        *(f"{n}.json" for n in SECTIONS),
+        *(f"{n}.md" for n in SECTIONS),
+        *(f"{n}*.png" for n in SECTIONS),
+    ),  # fmt: skip
+    "pendulum": (
+        "results.json",
+        "results.md",
+        "pretrained.pt",
+        "pretrained.json",
+        "pretrain_loss.png",
+        "success_vs_samples.png",
+        "success_vs_memory.png",
+        "time_per_sample.png",
+        "uncertainty.png",
+    ),  # fmt: skip
+    "bench": ("bench.json", "bench.md", "bench_*.png"),
+}
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded in the report."""
     import numpy
@@ -101,13 +137,19 @@ def environment() -> dict[str, Any]:
 def _report_md(report: dict[str, Any], command: str, out_dir: Path) -> str:
     env = report["environment"]
     status = "all checks passed" if report["passed"] else "SOME CHECKS FAILED"
-    lines = [
-        f"# ppl-kbnn validation report ({status})",
-        "",
+    lines = [f"# ppl-kbnn validation report ({status})", ""]
+    if report["quick"]:
+        lines += [
+            f"> **{SMOKE_TEST}.** A `--quick` run uses fewer Monte-Carlo draws and cases and skips the NUTS",
+            "> references of the larger problems; it checks that the suite runs. Run without `--quick` for the",
+            "> validation.",
+            "",
+        ]
+    lines += [
         f"Command: `{command}`",
         "",
-        f"ppl-kbnn {report['version']}, seed {report['seed']}, {'quick' if report['quick'] else 'full'} run, "
-        f"{report['elapsed_s']:.1f} s.",
+        f"ppl-kbnn {report['version']}, seed {report['seed']}, "
+        f"{'quick (smoke test)' if report['quick'] else 'full'} run, {report['elapsed_s']:.1f} s.",
         "",
         "Environment:",
         "",
@@ -120,6 +162,12 @@ def _report_md(report: dict[str, Any], command: str, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _stage(enabled: bool, msg: str) -> None:
+    """One progress line on stderr (``--no-progress`` hides it)."""
+    if enabled:
+        print(f"[ppl-kbnn] {msg}", file=sys.stderr, flush=True)
+
+
 def validate(
     *,
     out_dir: Path,
@@ -129,15 +177,31 @@ def validate(
     progress: bool = True,
     command: str = "ppl-kbnn validate",
 ) -> dict[str, Any]:
-    """Run the validation sections; write ``report.json`` / ``report.md`` into ``out_dir``; return the report."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Run the validation sections; write ``report.json`` / ``report.md`` into ``out_dir``; return the report.
+
+    Progress (when ``progress``) goes to stderr: one line per section, and the sections' bars only when
+    stderr is a terminal. An earlier run's outputs in ``out_dir`` (:data:`OUTPUTS`) are removed first;
+    the reports are written atomically.
+
+    Raises:
+        ValueError: an unknown section name, or an unusable ``out_dir``.
+    """
     names = list(SECTIONS) if sections is None else list(sections)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    out_dir = Path(out_dir)
+    prepare_out_dir(out_dir, OUTPUTS["validate"])
+    bars = progress and sys.stderr.isatty()
     t0 = time.perf_counter()
-    results = {
-        name: SECTIONS[name](quick=quick, seed=seed, out_dir=out_dir, progress=progress, command=command)
-        for name in names
-    }
+    results = {}
+    for name in names:
+        _stage(progress, f"validate: section {name} ...")
+        ts = time.perf_counter()
+        results[name] = SECTIONS[name](quick=quick, seed=seed, out_dir=out_dir, progress=bars, command=command)
+        n_failed = sum(not c["passed"] for c in results[name]["checks"])
+        _stage(progress, f"validate: section {name} done in {time.perf_counter() - ts:.1f} s "
+                         f"({len(results[name]['checks'])} checks, {n_failed} failed)")  # fmt: skip
     passed = all(bool(c["passed"]) for r in results.values() for c in r["checks"])
     report = {
         "version": __version__,
@@ -149,38 +213,130 @@ def validate(
         "elapsed_s": round(time.perf_counter() - t0, 3),
         "passed": passed,
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(_report_md(report, command, out_dir))
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / "report.md", _report_md(report, command, out_dir))
     return report
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected a non-negative integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid seed {value}: expected a non-negative integer")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``ppl-kbnn validate: error: ... (see --help)`` and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print one line on stderr and exit with 2 (no usage block)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_EPILOG = (
+    "Results go to stdout, progress to stderr (bars only on a terminal, otherwise one line per stage). "
+    "Before the run, the earlier outputs of this command in --out ({files}) are removed, and nothing else; "
+    "the reports are written atomically. Exit codes: 0 success, 1 failed checks (validate), 2 user error."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ppl-kbnn", description="Kalman Bayesian Transformer: closed-form moments and their validation."
+    parser = _Parser(
+        prog="ppl-kbnn",
+        description="Kalman Bayesian Transformer: closed-form Bayesian sequential fine-tuning of a pre-trained "
+        "network, its validation against Monte Carlo and NUTS, the pendulum study and the benchmarks.",
     )
     parser.add_argument("--version", action="version", version=f"ppl-kbnn {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    val = sub.add_parser("validate", help="check the closed forms against Monte Carlo and write a report")
-    val.add_argument("--quick", action="store_true", help="fewer Monte-Carlo samples (a minute or less)")
-    val.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
-    val.add_argument("--out", type=Path, default=Path("validation-out"), help="output folder (default validation-out)")
-    val.add_argument(
-        "--sections", nargs="+", choices=list(SECTIONS), default=None, metavar="NAME",
-        help=f"sections to run (default all: {', '.join(SECTIONS)})",
-    )  # fmt: skip
-    val.add_argument("--no-progress", action="store_true", help="no progress bars")
-    for name, help_, out in (("pendulum", "the pendulum adaptation study (DESIGN §7)", "pendulum-out"),
-                             ("bench", "update time and memory benchmarks", "bench-out")):  # fmt: skip
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--quick", action="store_true", help="a small version (minutes)")
-        p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = {
+        "validate": (
+            "check the closed forms against Monte Carlo and KBT against NUTS/SVI; write a report",
+            "Check every closed-form moment against Monte Carlo, the Kalman guide against exact conjugate "
+            "regression, and KBT against NUTS and SVI on identical data and prior. Writes report.json, "
+            "report.md, one <section>.json/.md and PNGs per section; exits 1 when a check fails.",
+            "validation-out",
+            "fewer Monte-Carlo draws and cases, NUTS only on the smallest problem: a smoke test",
+        ),
+        "pendulum": (
+            "the pendulum study: KBT vs retraining vs no adaptation under distribution shift",
+            "A decision transformer pre-trained on the nominal inverted pendulum adapts one sample at a time "
+            "to a shifted pendulum with KBT (block and diagonal) and with warm-started retraining at several "
+            "memory sizes; closed-loop success, memory and time per sample, predicted uncertainty vs label "
+            "noise. Writes results.json, results.md, pretrained.pt/.json and PNGs.",
+            "pendulum-out",
+            "a small version (few episodes and samples): a smoke test, not a result",
+        ),
+        "bench": (
+            "update time and memory of KBT vs AdamW, retraining, SVI, NUTS; scaling",
+            "Benchmarks: the per-sample cost of a KBT update against one AdamW step, retraining, SVI and NUTS "
+            "on the same network, and its scaling with width, depth, context and precision. Writes bench.json, "
+            "bench.md and PNGs.",
+            "bench-out",
+            "fewer repeats and smaller baselines: a smoke test",
+        ),
+    }
+    for name, (help_, description, out, quick_help) in commands.items():
+        p = sub.add_parser(name, help=help_, description=description,
+                           epilog=_EPILOG.format(files=", ".join(OUTPUTS[name])))  # fmt: skip
+        p.add_argument("--quick", action="store_true", help=quick_help)
+        p.add_argument("--seed", type=_seed, default=0, help="base random seed, >= 0 (default 0)")
         p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "validate":
+            p.add_argument(
+                "--sections", nargs="+", choices=list(SECTIONS), default=None, metavar="NAME",
+                help=f"sections to run (default all: {', '.join(SECTIONS)})",
+            )  # fmt: skip
+        p.add_argument("--no-progress", action="store_true",
+                       help="no progress on stderr (the result lines on stdout stay)")  # fmt: skip
     return parser
 
 
+def _pendulum_summary(results: dict[str, Any]) -> list[str]:
+    """The result lines of a pendulum run: the chosen shift and each method's success at each checkpoint."""
+    if results.get("stopped"):
+        return [f"stopped: {results['stopped']}"]
+    from .pendulum.report import label
+
+    lines = [f"shift: {results['stream']['task']}"]
+    for name, m in results["methods"].items():
+        cps = ", ".join(f"n={c['n_samples']} {c['successes']}/{c['n']}" for c in m["checkpoints"])
+        lines.append(f"  {label(name):>18}: {cps}")
+    return lines
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    progress = not args.no_progress
+    if args.command == "validate":
+        report = validate(out_dir=args.out, quick=args.quick, seed=args.seed, sections=args.sections,
+                          progress=progress, command=command)  # fmt: skip
+        failed = [(name, c) for name, r in report["sections"].items() for c in r["checks"] if not c["passed"]]
+        for name, c in failed:
+            print(f"FAILED {name}/{c['name']}: {c['detail']}")
+        n_checks = sum(len(r["checks"]) for r in report["sections"].values())
+        verdict = "all passed" if not failed else f"{len(failed)} failed"
+        print(f"{n_checks} checks, {verdict}; report: {args.out / 'report.md'}")
+        return 0 if not failed else 1
+    prepare_out_dir(args.out, OUTPUTS[args.command])
+    if args.command == "pendulum":
+        from .pendulum import run_study
+
+        results = run_study(out_dir=args.out, quick=args.quick, seed=args.seed, progress=progress, command=command)
+        for line in _pendulum_summary(results):
+            print(line)
+        print(f"results: {args.out / 'results.md'}")
+        return 0
+    from .bench import run_bench
+
+    run_bench(out_dir=args.out, quick=args.quick, seed=args.seed, progress=progress, command=command)
+    print(f"results: {args.out / 'bench.md'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``ppl-kbnn``; returns the exit code (0: all checks passed)."""
+    """Entry point of ``ppl-kbnn``; returns the exit code (0 success, 1 failed checks, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     try:
@@ -190,31 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.command == "validate":
-        command = shlex.join(["ppl-kbnn", *argv])
-        report = validate(
-            out_dir=args.out,
-            quick=args.quick,
-            seed=args.seed,
-            sections=args.sections,
-            progress=not args.no_progress,
-            command=command,
-        )
-        failed = [(name, c) for name, r in report["sections"].items() for c in r["checks"] if not c["passed"]]
-        for name, c in failed:
-            print(f"FAILED {name}/{c['name']}: {c['detail']}", file=sys.stderr)
-        n_checks = sum(len(r["checks"]) for r in report["sections"].values())
-        verdict = "all passed" if not failed else f"{len(failed)} failed"
-        print(f"{n_checks} checks, {verdict}; report: {args.out / 'report.md'}", file=sys.stderr)
-        return 0 if not failed else 1
-    if args.command in ("pendulum", "bench"):
-        command = shlex.join(["ppl-kbnn", *argv])
-        if args.command == "pendulum":
-            from .pendulum import run_study as run
-        else:
-            from .bench import run_bench as run
-        run(out_dir=args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, command=command)
-        print(f"results: {args.out}", file=sys.stderr)
-        return 0
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
-    return 2  # pragma: no cover
+    command = shlex.join(["ppl-kbnn", *argv])
+    if args.quick:
+        print(f"{SMOKE_TEST}: a --quick run checks that `ppl-kbnn {args.command}` runs end to end")
+    try:
+        return _run(args, command)
+    except OutputDirError as exc:  # user errors only: a ValueError from inside a run is a bug and keeps its traceback
+        print(f"ppl-kbnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,4 +1,4 @@
-"""``BayesianModel``: a pre-trained network turned into the Pyro model of DESIGN §1.
+"""``BayesianModel``: a pre-trained network turned into the Pyro model of KBT.
 
 .. math::
     \\theta_B \\sim \\mathcal N(\\hat\\theta_B, \\mathrm{diag}(\\sigma_0^2)), \\qquad

@@ -6,8 +6,9 @@ from ppl_kbnn.moments import set_validation
 
 @pytest.fixture(autouse=True)
 def float64_and_seed():
-    """Every test compares numbers in float64 with a fixed seed; validation on."""
+    """Every test compares numbers in float64 with a fixed seed, one torch thread; validation on."""
     old = torch.get_default_dtype()
+    torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     set_validation(True)
@@ -88,3 +89,20 @@ def transformer_reference():
         svi = pk.inference.svi(model, x, y, guide="normal", num_steps=3000, lr=0.01, seed=0, num_predict=500)
         return {"model": model, "x": x, "y": y, "xt": xt, "ref": ref, "nuts_mean": mean, "nuts_std": std,
                 "svi_normal": svi.predict(xt)}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def quick_validate(tmp_path_factory):
+    """``ppl-kbnn validate --quick`` through the command line, once per session (every section; its NUTS reference
+    is the expensive part). A dict: out (the directory), code (exit status), stdout, report (report.json)."""
+    import contextlib
+    import io
+    import json
+
+    from ppl_kbnn.cli import main
+
+    out = tmp_path_factory.mktemp("validate-quick")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["validate", "--quick", "--no-progress", "--out", str(out)])
+    return {"out": out, "code": code, "stdout": buf.getvalue(), "report": json.loads((out / "report.json").read_text())}

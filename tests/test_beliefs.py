@@ -135,16 +135,16 @@ def test_tiny_weight_variance_reproduces_the_network(covariance, update):
         torch.testing.assert_close(var, torch.full_like(var, 0.01), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("covariance", ["diag", "block", "full", "lowrank"])
-def test_read_outs_agree_with_monte_carlo_through_pyro(covariance):
-    """After updates, ``predict(method="sampled")`` and Pyro's ``Predictive`` through the guide agree (the guide
-    samples the joint belief), and the belief's draws have its mean and covariance (4 MC standard errors)."""
+@pytest.mark.parametrize("covariance", ["full", "lowrank"])
+def test_pyro_samples_the_joint_belief(covariance):
+    """After updates, Pyro's ``Predictive`` through the guide draws the joint belief: the draws of all sites together
+    have the belief's mean and full covariance (4.5 MC standard errors; ``block``/``diag``: tests/test_guide.py)."""
     model = pk.BayesianModel(mlp((2, 3, 1)), prior_scale=0.3, obs_noise=0.1)
     gen = torch.Generator().manual_seed(5)
     X = torch.randn(15, 2, generator=gen)
     guide = pk.KalmanGuide(model, covariance, update="ekf").update(X, torch.sin(X.sum(1, keepdim=True)))
     pyro.set_rng_seed(1)
-    S = 4000
+    S = 3000
     sites = model.site_names
     draws = Predictive(model, guide=guide, num_samples=S, return_sites=sites)(torch.zeros(1, 2))
     flat = torch.cat([draws[s].reshape(S, -1) for s in sites], 1)  # (S, D)

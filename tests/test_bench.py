@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from ppl_kbnn.bench import FIGURES, TARGETS, BenchSettings, fit_exponent, run_bench, time_interleaved
+from ppl_kbnn.bench import (
+    FIGURES,
+    MLP_TARGET_MS,
+    TARGETS,
+    BenchSettings,
+    count_ops,
+    fit_exponent,
+    run_bench,
+    time_interleaved,
+)
 from ppl_kbnn.cli import main
 
 
@@ -29,12 +38,13 @@ def test_files_and_json_round_trip(tiny_report):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     on_disk = json.loads((out / "bench.json").read_text())
     assert on_disk["command"] == "tiny bench" and on_disk["seed"] == 1
-    assert set(on_disk) >= {"version", "settings", "environment", "headline", "breakdown", "retrain", "svi_nuts",
-                            "scaling", "elapsed_s", "figures"}  # fmt: skip
+    assert set(on_disk) >= {"version", "settings", "environment", "headline", "mlp", "breakdown", "retrain",
+                            "svi_nuts", "scaling", "elapsed_s", "figures"}  # fmt: skip
     assert on_disk["environment"]["torch_threads"] == 1
     md = (out / "bench.md").read_text()
     assert "Command: `tiny bench`" in md
-    for heading in ("AdamW", "Where the update time goes", "retraining", "SVI and NUTS", "Scaling", "exponents"):
+    for heading in ("AdamW", "Overhead: a 1-8-1 ReLU MLP", "ATen ops", "Where the update time goes", "retraining",
+                    "SVI and NUTS", "Scaling", "exponents"):  # fmt: skip
         assert heading in md
 
 
@@ -83,8 +93,13 @@ def test_scaling_rows_and_exponents(tiny_report):
     s = BenchSettings.tiny()
     sc = report["scaling"]
     rows = [r for r in sc["rows"] if "error" not in r]
-    n_configs = len(s.scaling_d) + len(s.scaling_layers) + len(s.scaling_context) - 2
+    n_configs = len(s.scaling_d) + len(s.scaling_layers) + len(s.scaling_context) - 2 + len(s.scaling_extra)
     assert len(rows) == 3 * n_configs * len(s.scaling_dtypes)  # adamw, kbt-diag, kbt-block per configuration
+    for d_model, n_layer in s.scaling_extra:  # the 2-layer rows outside the one-factor sweeps
+        extra = [r for r in rows if r["d_model"] == d_model and r["n_layer"] == n_layer]
+        assert {(r["dtype"], r["method"]) for r in extra} == {
+            (dt, m) for dt in s.scaling_dtypes for m in ("adamw", "kbt-diag", "kbt-block")
+        }
     assert {r["dtype"] for r in rows} == set(s.scaling_dtypes)
     f32 = next(r for r in rows if r["dtype"] == "float32" and r["method"] == "kbt-diag")
     same = ("method", "d_model", "n_layer", "context")
@@ -95,6 +110,44 @@ def test_scaling_rows_and_exponents(tiny_report):
     assert e["values"] == list(s.scaling_d) and e["time_exponent"] is not None
     assert 1.5 < e["memory_exponent"] < 3.5  # block belief: rows · (in + 1)² ~ d³ (minus lower-order terms)
     assert exps[("n_layer", "float64", "kbt-diag")]["memory_exponent"] < 1.2  # ~linear in layers
+    # the d_model exponent at 2 layers: the layer sweep's default-width row and the scaling_extra rows
+    e2 = exps[("d_model (2 layers)", "float64", "kbt-block")]
+    assert e2["values"] == sorted({s.d_model} | {d for d, n in s.scaling_extra if n == 2})
+    assert 1.5 < e2["memory_exponent"] < 3.5
+
+
+def test_ops_per_update_in_headline(tiny_report):
+    _, report = tiny_report
+    rows = report["headline"]["rows"]
+    for r in rows:
+        assert r["ops"]["aten"] >= r["ops"]["top"] > 0
+    ops = {(r["method"], r["hidden"]): r["ops"]["aten"] for r in rows}
+    # a Kalman update runs the moment pass, its Jacobian and every row's update: more ops than one AdamW step
+    assert ops[("kbt-diag", "diag")] > ops[("adamw", None)]
+
+
+def test_mlp_overhead_section(tiny_report):
+    _, report = tiny_report
+    s = BenchSettings.tiny()
+    m = report["mlp"]
+    assert m["config"]["width"] == s.mlp_hidden and m["config"]["n_params"] == 3 * s.mlp_hidden + 1
+    rows = {r["method"]: r for r in m["rows"]}
+    assert set(rows) == {"kbnn-block", "kbnn-diag", "adamw"}
+    for r in rows.values():
+        assert r["n"] == s.mlp_repeats and 0 < r["min_ms"] <= r["median_ms"]
+        assert math.isclose(r["ratio"], r["median_ms"] / rows["adamw"]["median_ms"])
+        assert r["ops"]["aten"] >= r["ops"]["top"] > 0
+    # block: a (p, p) covariance per row; diag: p variances; AdamW: two moments per weight and a step count
+    assert rows["kbnn-diag"]["state_bytes"] <= rows["adamw"]["state_bytes"] < rows["kbnn-block"]["state_bytes"]
+    t = m["target"]
+    assert t["limit_ms"] == MLP_TARGET_MS and t["met"] == (rows["kbnn-block"]["median_ms"] <= MLP_TARGET_MS)
+
+
+def test_count_ops():
+    assert count_ops(lambda: None) == {"aten": 0, "top": 0}
+    x = torch.ones(3)
+    out = count_ops(lambda: (x + 1).sum())  # two calls from Python, whatever they run inside
+    assert out["top"] == 2 and out["aten"] >= 2
 
 
 def test_fit_exponent_and_interleaved_timer():
@@ -118,3 +171,24 @@ def test_cli_dispatch(tmp_path, monkeypatch):
     assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     assert seen["quick"] is True and seen["progress"] is False and seen["out_dir"] == tmp_path
     assert seen["command"].startswith("ppl-kbnn bench --quick")
+
+
+def test_belief_family_section(tiny_report):
+    """Every (covariance, update) pair of the belief section is timed against AdamW at each d_model (or says why
+    not), with its bytes; the low-rank belief holds D (r + 2) numbers: mean, diagonal and the rank-r factor."""
+    from ppl_kbnn.bench_beliefs import COMBOS, RANK
+
+    _, report = tiny_report
+    sec = report["beliefs"]
+    for d in sec["d_models"]:
+        rows = {r["method"]: r for r in sec["rows"] if r["d_model"] == d}
+        assert set(rows) == {"adamw", *(f"{c}-{u}" for c, u in COMBOS)}
+        assert rows["block-kbnn"]["ratio_to_kbt_block"] == 1.0
+        for name, r in rows.items():
+            if "skipped" in r or name == "adamw":
+                continue
+            assert r["median_ms"] > 0 and r["ratio_to_adamw"] > 0 and r["state_bytes"] > 0
+        low = rows["lowrank-ekf"]
+        assert low["state_bytes"] == low["n_params"] * (RANK + 2) * 8
+        assert low["lowrank_numbers_ratio"] == pytest.approx((RANK + 2) / (RANK + 1))
+    assert {e["method"] for e in sec["exponents"]} == {"adamw", *(f"{c}-{u}" for c, u in COMBOS)}

@@ -2,7 +2,9 @@
 
 import json
 import math
+import warnings
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,9 @@ from scipy.linalg import solve_discrete_are
 from scipy.stats import binomtest, norm
 
 from ppl_kbnn.envs import (
+    GENERIC_ID,
     SHIFTS,
+    AngleBiasObservation,
     DTDataset,
     DTPolicy,
     ExpertPolicy,
@@ -26,6 +30,7 @@ from ppl_kbnn.envs import (
     rollout,
     solve_dare,
     success_rate,
+    task_id,
     wilson_interval,
 )
 from ppl_kbnn.nn.transformer import DecisionTransformer, DTConfig
@@ -74,6 +79,89 @@ def test_registry_and_bad_inputs():
         Task("bad", gear=0.0)
     with pytest.raises(ValueError, match="pole_mass factor must be > 0"):
         Task("bad", pole_mass=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# gymnasium ids, specs, check_env
+
+
+def _physics(env: gym.Env) -> list[np.ndarray]:
+    m = env.unwrapped.model
+    return [m.body_mass.copy(), m.body_inertia.copy(), m.actuator_gear.copy(), m.opt.gravity.copy(),
+            m.body_subtreemass.copy()]  # fmt: skip
+
+
+def _trajectory(env: gym.Env, steps: int = 30) -> np.ndarray:
+    """Observations of a seeded episode under a fixed open-loop action sequence: (steps + 1, 4)."""
+    obs, _ = env.reset(seed=7)
+    out = [obs]
+    for t in range(steps):
+        obs, _, terminated, truncated, _ = env.step(np.array([0.5 * math.sin(0.3 * t)], dtype=np.float32))
+        out.append(obs)
+        if terminated or truncated:
+            break
+    return np.array(out)
+
+
+@pytest.mark.parametrize("name", list(SHIFTS))
+def test_registered_id_and_spec_reproduce_the_task_exactly(name):
+    ref = make_env(name)
+    assert task_id(name) == f"ppl_kbnn/InvertedPendulum-{name}-v0" == ref.spec.id
+    by_id = gym.make(task_id(name))
+    by_spec = gym.make(ref.spec)
+    for env in (by_id, by_spec):
+        assert env.unwrapped.task == SHIFTS[name]
+        assert env.spec.max_episode_steps == 1000
+        for a, b in zip(_physics(ref), _physics(env), strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(_trajectory(ref), _trajectory(env))
+
+
+def test_spec_of_an_unnamed_task_reproduces_it():
+    task = Task("custom", pole_mass=2.0, gear=-0.5, gravity=1.5, angle_bias=-0.03)
+    ref = make_env(task, max_episode_steps=50)
+    assert ref.spec.id == GENERIC_ID and ref.spec.max_episode_steps == 50
+    again = gym.make(ref.spec)
+    assert again.unwrapped.task == task and again.unwrapped.model.actuator_gear[0, 0] == pytest.approx(-50.0)
+    np.testing.assert_array_equal(_trajectory(ref), _trajectory(again))
+    with pytest.raises(ValueError, match="not a named task"):
+        task_id(task)
+
+
+def test_the_module_prefix_form_of_the_id():
+    env = gym.make("ppl_kbnn.envs:" + task_id("gear_x0.15"))
+    assert env.unwrapped.model.actuator_gear[0, 0] == pytest.approx(15.0)
+
+
+def _check_env_warnings(env: gym.Env) -> set[str]:
+    from gymnasium.utils.env_checker import check_env
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env, skip_render_check=True)
+    # the wrapped-env notice names the env; keep its kind only
+    return {str(w.message).split("(")[0] for w in caught}
+
+
+def test_check_env_passes_on_every_task():
+    # the warnings gymnasium's own InvertedPendulum-v5 gets (unbounded Box, action range) are the only ones allowed
+    allowed = _check_env_warnings(gym.make("InvertedPendulum-v5")) | _check_env_warnings(
+        gym.make("InvertedPendulum-v5").unwrapped
+    )
+    for name in SHIFTS:
+        env = make_env(name)
+        assert _check_env_warnings(env) <= allowed, name
+        assert _check_env_warnings(env.unwrapped) <= allowed, name
+
+
+def test_angle_bias_wrapper_records_its_arguments():
+    env = AngleBiasObservation(gym.make("InvertedPendulum-v5"), 0.1)
+    assert env.spec.additional_wrappers[-1].kwargs == {"bias": 0.1}
+    assert _check_env_warnings(env) <= _check_env_warnings(gym.make("InvertedPendulum-v5"))
+    again = gym.make(env.spec)
+    assert isinstance(again, AngleBiasObservation) and again.bias == 0.1
+    np.testing.assert_array_equal(_trajectory(env), _trajectory(again))
+    np.testing.assert_allclose(_trajectory(env)[:, 1] - _trajectory(gym.make("InvertedPendulum-v5"))[:, 1], 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +236,60 @@ def test_failed_episode_is_not_a_success(nominal_expert):
     assert ep["rewards"][-1] == 0.0 and np.all(ep["rewards"][:-1] == 1.0)  # v5: no reward when terminating
 
 
+def _dare_doubling(A, B, Q, R, tol=1e-12, max_iter=100):
+    """The structure-preserving doubling algorithm the package used before SciPy (the reference of the swap)."""
+    n = A.shape[0]
+    Ak, Gk, Hk = A.copy(), B @ np.linalg.solve(R, B.T), Q.copy()
+    for _ in range(max_iter):
+        W = np.eye(n) + Gk @ Hk
+        WiA, WiG = np.linalg.solve(W, Ak), np.linalg.solve(W, Gk)
+        H_new = Hk + Ak.T @ Hk @ WiA
+        Gk, Ak = Gk + Ak @ WiG @ Ak.T, Ak @ WiA
+        done = np.linalg.norm(H_new - Hk) <= tol * max(1.0, np.linalg.norm(H_new))
+        Hk = 0.5 * (H_new + H_new.T)
+        if done:
+            break
+    return Hk
+
+
+@pytest.mark.parametrize("name", ["nominal", "gear_x0.15", "gear_x10", "gear_flip", "cart_mass_x10", "pole_mass_x4"])
+def test_dare_swap_keeps_the_numbers(name):
+    A, B = linearize(name)
+    Q, R = np.diag([1.0, 10.0, 1.0, 1.0]), np.array([[0.1]])
+    P_new, P_old = solve_dare(A, B, Q, R), _dare_doubling(A, B, Q, R)
+    assert np.abs(P_new - P_old).max() <= 1e-12 * np.abs(P_old).max()
+    K_new = lqr_gain(name)
+    K_old = np.linalg.solve(R + B.T @ P_old @ B, B.T @ P_old @ A)
+    assert np.abs(K_new - K_old).max() <= 1e-12 * np.abs(K_old).max()
+
+
+def test_dare_not_stabilisable():
+    A, B = np.diag([2.0, 0.5]), np.array([[0.0], [1.0]])  # the unstable mode is not controllable
+    with pytest.raises(ValueError, match="stabilis"):
+        solve_dare(A, B, np.eye(2), np.eye(1))
+
+
 # ---------------------------------------------------------------------------------------------
 # statistics
+
+
+def _wilson_formula(k, n, z):
+    """The closed form the package used before SciPy (the reference of the swap)."""
+    p, z2 = k / n, z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def test_wilson_swap_keeps_the_numbers():
+    for n in (1, 2, 3, 5, 20, 37, 100, 1000):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            for z in (0.5, 1.0, 1.6448536269514722, 1.96, 2.5758293035489, 3.0, 4.0):
+                new, old = wilson_interval(k, n, z=z), _wilson_formula(k, n, z)
+                assert abs(new[0] - old[0]) <= 1e-12 and abs(new[1] - old[1]) <= 1e-12, (k, n, z, new, old)
+    with pytest.raises(ValueError, match="0 < z < 8"):
+        wilson_interval(1, 2, z=9.0)
 
 
 @pytest.mark.parametrize(("k", "n"), [(0, 20), (7, 20), (20, 20), (1, 3)])

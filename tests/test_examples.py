@@ -68,3 +68,25 @@ def test_online_regression_quick(tmp_path):
     assert prior["kbt_block"]["max_mean_err_over_nuts_std"] < 5 / math.sqrt(30)
 
     assert "n" in example.format_table(report)
+
+
+def test_online_regression_flags_unconverged_nuts(tmp_path, monkeypatch):
+    """A quick run's NUTS (1 chain x 30 draws) is flagged on its panel, and the figure says smoke test."""
+    example = load_example("online_regression")
+    titles: list[str] = []
+    save = example.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        titles.append(fig._suptitle.get_text())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(example.Figure, "savefig", capture)
+    report = example.run(tmp_path, [0, 5], nuts_samples=30, nuts_warmup=30, chains=1, seed=0, progress=False,
+                         smoke_test=True)  # fmt: skip
+    rhat = report["results"]["5"]["nuts"]["max_rhat"]
+    assert rhat is not None and math.isfinite(rhat)
+    flagged = [t for t in titles if "NUTS NOT CONVERGED" in t]
+    assert bool(flagged) == (rhat > example.RHAT_OK)
+    assert "SMOKE TEST (--quick): not a result" in titles[-1]
+    assert report["config"]["smoke_test"] is True

@@ -64,9 +64,10 @@ def test_order_one_bias_resolved_by_mc(section):
             assert r["mean_max_abs_err"] > 10 * r["mean_mc_stderr"], r
 
 
-def test_cli_validate_quick(tmp_path, capsys):
-    assert main(["validate", "--quick", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
+def test_cli_validate_quick(quick_validate):
+    """The session's ``ppl-kbnn validate --quick`` run (tests/conftest.py)."""
+    tmp_path, report = quick_validate["out"], quick_validate["report"]
+    assert quick_validate["code"] == 0
     assert report["passed"] is True
     assert report["version"] == __version__
     assert report["seed"] == 0 and report["quick"] is True
@@ -79,7 +80,7 @@ def test_cli_validate_quick(tmp_path, capsys):
     for name in ("report.md", "softmax.md", "softmax.json", "softmax.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "## Softmax" in (tmp_path / "report.md").read_text()
-    assert "all passed" in capsys.readouterr().err
+    assert "all passed" in quick_validate["stdout"]
 
 
 def test_cli_version(capsys):

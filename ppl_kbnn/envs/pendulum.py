@@ -45,8 +45,8 @@ where ``P`` solves the discrete algebraic Riccati equation (DARE)
 .. math::
     P = Q + A^\top P A - A^\top P B (R + B^\top P B)^{-1} B^\top P A.
 
-:func:`solve_dare` solves it with the structure-preserving doubling algorithm (numpy only, no scipy
-at run time). :class:`ExpertPolicy` clips ``-K x`` to the action bounds ±3. The expert *for* a task
+:func:`solve_dare` solves it with ``scipy.linalg.solve_discrete_are``. :class:`ExpertPolicy` clips
+``-K x`` to the action bounds ±3. The expert *for* a task
 uses that task's linearisation and, for a sensor-bias task, knows the bias and subtracts it from the
 observation before applying the gain; the *nominal* expert (``ExpertPolicy(Task.nominal())``) run
 on a shifted task uses the nominal gain on the raw (possibly biased) observation.
@@ -63,16 +63,19 @@ from typing import Any, NamedTuple
 import gymnasium as gym
 import mujoco
 import numpy as np
+from gymnasium.envs.mujoco.inverted_pendulum_v5 import InvertedPendulumEnv
 
 from .stats import wilson_interval
 
 __all__ = [
     "ACTION_BOUND",
     "ENV_ID",
+    "GENERIC_ID",
     "SHIFTS",
     "AngleBiasObservation",
     "ExpertPolicy",
     "Policy",
+    "ShiftedInvertedPendulumEnv",
     "SuccessRate",
     "Task",
     "collect_episodes",
@@ -83,6 +86,7 @@ __all__ = [
     "rollout",
     "solve_dare",
     "success_rate",
+    "task_id",
     "time_episode",
 ]
 
@@ -176,11 +180,17 @@ def get_task(task: Task | str) -> Task:
     raise ValueError(f"task: expected a Task or a shift name (str), got {type(task).__name__}")
 
 
-class AngleBiasObservation(gym.ObservationWrapper):
-    """Adds a constant ``bias`` (radians) to the observed pole angle ``obs[1]``."""
+class AngleBiasObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+    """Adds a constant ``bias`` (radians) to the observed pole angle ``obs[1]``.
+
+    Records its constructor arguments (``gymnasium.utils.RecordConstructorArgs``), so an env wrapped in it
+    passes ``gymnasium.utils.env_checker.check_env`` and ``gym.make(env.spec)`` re-applies it. The
+    registered tasks (:func:`task_id`) do not need it: their base env applies the bias itself.
+    """
 
     def __init__(self, env: gym.Env, bias: float) -> None:
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, bias=float(bias))
+        gym.ObservationWrapper.__init__(self, env)
         self.bias = float(bias)
 
     def observation(self, observation: np.ndarray) -> np.ndarray:
@@ -203,24 +213,108 @@ def _apply_physics(model: Any, task: Task) -> None:
     model.opt.gravity[:] = model.opt.gravity * task.gravity
 
 
-def make_env(task: Task | str = "nominal", seed: int | None = None, *, max_episode_steps: int = 1000) -> gym.Env:
-    """``gymnasium.make("InvertedPendulum-v5")`` with the task's shift applied.
+class ShiftedInvertedPendulumEnv(InvertedPendulumEnv):
+    """``InvertedPendulum-v5`` with a :class:`Task`'s shift built in (the env behind the registered ids).
 
-    The physical factors are written into ``env.unwrapped.model`` (followed by ``mj_setConst`` so
-    derived constants such as subtree masses follow); a sensor bias wraps the env in
-    :class:`AngleBiasObservation`. With ``seed``, the env is reset once with that seed and the
-    action space is seeded. ``env.unwrapped.task`` records the task.
+    The physical factors are written into ``self.model`` at construction (followed by ``mj_setConst`` so
+    derived constants such as subtree masses follow); the sensor bias is added to the observed pole angle of
+    every observation ``reset`` and ``step`` return, while termination (``|θ| > 0.2``) and the dynamics see
+    the true angle. Every argument is recorded (``EzPickle`` and ``env.spec.kwargs``), so
+    ``gym.make(env.spec)`` rebuilds the same shifted physics. ``self.task`` is the task.
+
+    Args:
+        name, pole_mass, cart_mass, gear, gravity, angle_bias: the :class:`Task` fields.
+        **kwargs: passed to ``InvertedPendulumEnv`` (e.g. ``render_mode``, ``reset_noise_scale``).
+    """
+
+    def __init__(
+        self,
+        name: str = "nominal",
+        pole_mass: float = 1.0,
+        cart_mass: float = 1.0,
+        gear: float = 1.0,
+        gravity: float = 1.0,
+        angle_bias: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        # the Task validates the factors before any MuJoCo work
+        task = Task(name, pole_mass=pole_mass, cart_mass=cart_mass, gear=gear, gravity=gravity, angle_bias=angle_bias)
+        super().__init__(**kwargs)
+        gym.utils.EzPickle.__init__(self, name=name, pole_mass=pole_mass, cart_mass=cart_mass, gear=gear,
+                                    gravity=gravity, angle_bias=angle_bias, **kwargs)  # fmt: skip
+        _apply_physics(self.model, task)
+        mujoco.mj_setConst(self.model, self.data)
+        self.task = task
+
+    def _biased(self, observation: np.ndarray) -> np.ndarray:
+        if self.task.angle_bias == 0.0:
+            return observation
+        obs = np.array(observation, dtype=np.float64, copy=True)  # (4,)
+        obs[ANGLE_INDEX] += self.task.angle_bias
+        return obs
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """One env step; termination uses the true angle, the returned observation carries the bias."""
+        observation, reward, terminated, truncated, info = super().step(action)
+        return self._biased(observation), reward, terminated, truncated, info
+
+    def reset_model(self) -> np.ndarray:
+        """Reset the MuJoCo state (as ``InvertedPendulumEnv``); returns the biased observation."""
+        return self._biased(super().reset_model())
+
+
+NAMESPACE = "ppl_kbnn"
+GENERIC_ID = f"{NAMESPACE}/InvertedPendulum-v0"
+
+
+def task_id(task: Task | str) -> str:
+    """The gymnasium id of a named task (``"sensor_bias_0.1"`` -> ``"ppl_kbnn/InvertedPendulum-sensor_bias_0.1-v0"``).
+
+    ``gym.make(task_id(name))`` builds exactly the shifted env of :func:`make_env` (1000-step episodes).
+    Without importing ``ppl_kbnn`` first, ``gym.make("ppl_kbnn.envs:" + task_id(name))`` imports it.
+    A :class:`Task` that is not in :data:`SHIFTS` has no id of its own: it is made from
+    :data:`GENERIC_ID` with the task fields as keyword arguments (what :func:`make_env` does).
+    """
+    task = get_task(task)
+    if SHIFTS.get(task.name) != task:
+        raise ValueError(f"task_id: {task!r} is not a named task of SHIFTS; use make_env (or {GENERIC_ID!r} "
+                         "with the task fields as keyword arguments)")  # fmt: skip
+    return f"{NAMESPACE}/InvertedPendulum-{task.name}-v0"
+
+
+def _task_kwargs(task: Task) -> dict[str, Any]:
+    return {f.name: getattr(task, f.name) for f in fields(task)}
+
+
+def _register() -> None:
+    """Register :data:`GENERIC_ID` and one id per named task (idempotent)."""
+    entry = f"{__name__}:ShiftedInvertedPendulumEnv"
+    if GENERIC_ID not in gym.registry:
+        gym.register(GENERIC_ID, entry_point=entry, max_episode_steps=1000)
+    for task in SHIFTS.values():
+        env_id = task_id(task)
+        if env_id not in gym.registry:
+            gym.register(env_id, entry_point=entry, max_episode_steps=1000, kwargs=_task_kwargs(task))
+
+
+_register()
+
+
+def make_env(task: Task | str = "nominal", seed: int | None = None, *, max_episode_steps: int = 1000) -> gym.Env:
+    """``gymnasium.make`` of the task's registered id (:func:`task_id`), or of :data:`GENERIC_ID` with the task.
+
+    The shifted physics and the sensor bias live in the base env (:class:`ShiftedInvertedPendulumEnv`), so
+    ``env.spec`` records them and ``gym.make(env.spec)`` reproduces the task exactly. With ``seed``, the
+    env is reset once with that seed and the action space is seeded. ``env.unwrapped.task`` records the
+    task.
     """
     task = get_task(task)
     if max_episode_steps < 1:
         raise ValueError(f"make_env: max_episode_steps must be >= 1, got {max_episode_steps}")
-    env = gym.make(ENV_ID, max_episode_steps=max_episode_steps)
-    base = env.unwrapped
-    _apply_physics(base.model, task)
-    mujoco.mj_setConst(base.model, base.data)
-    base.task = task
-    if task.angle_bias != 0.0:
-        env = AngleBiasObservation(env, task.angle_bias)
+    if SHIFTS.get(task.name) == task:
+        env = gym.make(task_id(task), max_episode_steps=max_episode_steps)
+    else:
+        env = gym.make(GENERIC_ID, max_episode_steps=max_episode_steps, **_task_kwargs(task))
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)
@@ -265,42 +359,27 @@ def linearize(task: Task | str = "nominal", eps: float = 1e-6) -> tuple[np.ndarr
     return A, B
 
 
-def solve_dare(
-    A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndarray, *, tol: float = 1e-12, max_iter: int = 100
-) -> np.ndarray:
-    r"""Stabilising solution ``P`` of ``P = Q + AᵀPA − AᵀPB(R + BᵀPB)⁻¹BᵀPA`` (numpy only).
+def solve_dare(A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndarray) -> np.ndarray:
+    r"""Stabilising solution ``P`` of ``P = Q + AᵀPA − AᵀPB(R + BᵀPB)⁻¹BᵀPA``: ``scipy.linalg.solve_discrete_are``.
 
-    Structure-preserving doubling algorithm (Chu et al. 2004): with ``A₀ = A``, ``G₀ = B R⁻¹ Bᵀ``,
-    ``H₀ = Q`` and ``W = I + G_k H_k``,
-
-    .. math::
-        A_{k+1} = A_k W^{-1} A_k, \quad G_{k+1} = G_k + A_k W^{-1} G_k A_k^\top, \quad
-        H_{k+1} = H_k + A_k^\top H_k W^{-1} A_k,
-
-    ``H_k → P`` quadratically (step ``k`` equals ``2^k`` steps of the Riccati value iteration).
+    SciPy's solver (a generalised Schur decomposition of the extended symplectic pencil); this wrapper
+    checks the shapes, symmetrises the result and checks the residual of the equation.
 
     Raises:
-        ValueError: on bad shapes, or if the iteration does not converge to a solution (e.g.
-            ``(A, B)`` not stabilisable).
+        ValueError: on bad shapes, or if there is no stabilising solution (e.g. ``(A, B)`` not
+            stabilisable).
     """
+    from scipy.linalg import solve_discrete_are
+
     A, B, Q, R = (np.atleast_2d(np.asarray(x, dtype=np.float64)) for x in (A, B, Q, R))
     n, m = B.shape
     if A.shape != (n, n) or Q.shape != (n, n) or R.shape != (m, m):
         raise ValueError(f"solve_dare: shapes A {A.shape}, B {B.shape}, Q {Q.shape}, R {R.shape} do not match")
-    I = np.eye(n)
-    Ak, Gk, Hk = A.copy(), B @ np.linalg.solve(R, B.T), Q.copy()
-    for _ in range(max_iter):
-        W = I + Gk @ Hk
-        WiA = np.linalg.solve(W, Ak)  # W⁻¹ A_k
-        WiG = np.linalg.solve(W, Gk)  # W⁻¹ G_k
-        H_new = Hk + Ak.T @ Hk @ WiA
-        Gk = Gk + Ak @ WiG @ Ak.T
-        Ak = Ak @ WiA
-        done = np.linalg.norm(H_new - Hk) <= tol * max(1.0, np.linalg.norm(H_new))
-        Hk = 0.5 * (H_new + H_new.T)
-        if done:
-            break
-    P = Hk
+    try:
+        P = solve_discrete_are(A, B, Q, R)
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        raise ValueError(f"solve_dare: no stabilising solution (is (A, B) stabilisable?): {exc}") from None
+    P = 0.5 * (P + P.T)
     S = R + B.T @ P @ B
     resid = Q + A.T @ P @ A - A.T @ P @ B @ np.linalg.solve(S, B.T @ P @ A) - P
     if not np.all(np.isfinite(P)) or np.linalg.norm(resid) > 1e-6 * max(1.0, np.linalg.norm(P)):

@@ -1,9 +1,9 @@
-r"""The one adapter to arviz: convergence diagnostics of per-chain posterior draws.
+r"""The one adapter to arviz: convergence diagnostics of per-chain posterior draws, and ``InferenceData``.
 
-Input everywhere: ``{site: (chains, draws, *site_shape)}`` (torch tensors or numpy arrays). Output:
-plain python floats / numpy arrays / a pandas table, so no arviz object leaks out. Written against
-the arviz 0.x ``InferenceData`` API (``az.from_dict``, ``az.rhat``, ``az.ess``, ``az.summary``);
-arviz 1.x changed that API, and this module is the only place to adapt.
+Input everywhere: ``{site: (chains, draws, *site_shape)}`` (torch tensors or numpy arrays). Output of the
+diagnostics: plain python floats / numpy arrays / a pandas table. Written against the arviz 0.x
+``InferenceData`` API (``az.from_dict``, ``az.rhat``, ``az.ess``, ``az.summary``, ``az.compare``); arviz 1.x
+changed that API, and this module is the only place to adapt.
 
 * R-hat (default ``method="rank"``): the rank-normalised, folded split-R-hat of Vehtari et al. (2021),
   ``R̂ = max(R̂_bulk, R̂_folded)``, with ``R̂ = sqrt(var⁺ / W)``, ``var⁺ = (n-1)/n W + B/n`` computed
@@ -11,18 +11,22 @@ arviz 1.x changed that API, and this module is the only place to adapt.
 * ESS: ``n·m / τ``, ``τ = 1 + 2 Σ_k ρ_k`` with Geyer's initial monotone sequence; ``"bulk"`` on
   rank-normalised split chains, ``"tail"`` the min of the ESS of the 5% and 95% quantile indicators,
   ``"identity"`` on the raw (unsplit) chains (= ``pyro.ops.stats.effective_sample_size``).
+* :func:`inference_data` assembles an ``az.InferenceData`` from arrays computed elsewhere
+  (:meth:`~ppl_kbnn.inference.InferenceResult.to_inference_data`); :func:`compare` is ``az.compare`` of
+  several of them on the expected log pointwise predictive density.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["convergence", "ess", "rhat", "summary"]
+__all__ = ["compare", "convergence", "elpd", "ess", "inference_data", "rhat", "summary"]
 
 Draws = Mapping[str, "torch.Tensor | np.ndarray"]
 
@@ -102,3 +106,104 @@ def summary(samples: Draws, hdi_prob: float = 0.9) -> Any:
     if not 0 < hdi_prob < 1:
         raise ValueError(f"hdi_prob must be in (0, 1), got {hdi_prob}")
     return _az().summary(_idata(samples), hdi_prob=hdi_prob)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def inference_data(
+    posterior: Draws,
+    *,
+    log_likelihood: torch.Tensor,
+    posterior_predictive: torch.Tensor,
+    observed: torch.Tensor,
+    sample_stats: Draws | None = None,
+    attrs: dict[str, Any] | None = None,
+) -> Any:
+    """An ``az.InferenceData`` (``az.from_dict``) with one observed variable ``"obs"``.
+
+    Args:
+        posterior: ``{site: (chains, draws, *site_shape)}``.
+        log_likelihood: ``(chains, draws, N)``, one log-density per observation (dim ``obs_id``).
+        posterior_predictive: ``(chains, draws, N, ...)`` replicated observations.
+        observed: ``(N, ...)`` the observed ``y``.
+        sample_stats: ``{stat: (chains, draws)}`` or ``None``.
+        attrs: attributes of every group (e.g. ``{"method": "nuts"}``).
+    """
+    ll = _numpy(log_likelihood)
+    if ll.ndim != 3:
+        raise ValueError(f"log_likelihood: expected shape (chains, draws, N), got {ll.shape}")
+    idata = _az().from_dict(
+        posterior={k: _numpy(v) for k, v in posterior.items()},
+        log_likelihood={"obs": ll},
+        posterior_predictive={"obs": _numpy(posterior_predictive)},
+        observed_data={"obs": _numpy(observed)},
+        sample_stats=None if sample_stats is None else {k: _numpy(v) for k, v in sample_stats.items()},
+        dims={"obs": ["obs_id"]},
+    )
+    for group in idata.groups():
+        idata[group].attrs.update(attrs or {})
+    return idata
+
+
+def _lpd_pointwise(idata: Any) -> np.ndarray:
+    """``log (1/S Σ_s p(y_i | θ_s))`` per observation, ``(N,)``, from the ``obs`` log-likelihood ``(C, D, N)``."""
+    ll = np.asarray(idata.log_likelihood["obs"].values)
+    ll = ll.reshape(-1, ll.shape[-1])  # (S, N)
+    m = ll.max(0)
+    return m + np.log(np.exp(ll - m).mean(0))  # log-mean-exp over draws
+
+
+def elpd(idata: Any) -> tuple[float, float]:
+    """Log pointwise predictive density ``Σ_i log (1/S Σ_s p(y_i | θ_s))`` of ``idata``'s observations and its
+    standard error ``√N · sd_i`` (as arviz's ``se``); on held-out observations, the held-out elpd estimate."""
+    lpd = _lpd_pointwise(idata)
+    return float(lpd.sum()), float(np.sqrt(lpd.size) * lpd.std())  # arviz's se: ddof 0
+
+
+def _heldout_elpd_data(idata: Any) -> Any:
+    """An arviz ``ELPDData`` (kind ``loo``) whose pointwise values are the held-out ``lpd_i`` (no PSIS: the
+    observations were not used to fit), so that ``az.compare`` ranks and differences held-out densities."""
+    from arviz.stats.stats_utils import ELPDData
+
+    lpd = _lpd_pointwise(idata)
+    n = lpd.size
+    S = int(np.prod(idata.log_likelihood["obs"].shape[:2]))
+    obs = idata.log_likelihood["obs"]
+    loo_i = obs.isel(chain=0, draw=0, drop=True).copy(data=lpd).rename("loo_i")
+    pareto_k = loo_i.copy(data=np.zeros(n)).rename("pareto_k")
+    return ELPDData(
+        data=[float(lpd.sum()), float(np.sqrt(n) * lpd.std(ddof=0)), 0.0, S, n, False, loo_i, pareto_k, "log", 0.7],
+        index=["elpd_loo", "se", "p_loo", "n_samples", "n_data_points", "warning", "loo_i", "pareto_k", "scale",
+               "good_k"],
+    )  # fmt: skip
+
+
+def compare(idatas: Mapping[str, Any], *, heldout: bool = False) -> Any:
+    """``az.compare`` of several ``InferenceData`` on the same observations: a pandas DataFrame, best first
+    (columns ``rank, elpd_loo, p_loo, elpd_diff, weight, se, dse, warning, scale``).
+
+    ``heldout=False``: PSIS-LOO on the data each method was fitted on (arviz's own ``az.loo``).
+    ``heldout=True``: the observations are held out (not used to fit), so no leave-one-out correction applies:
+    the column ``elpd_loo`` holds the held-out log predictive density ``Σ_i log (1/S Σ_s p(y_i | θ_s))``,
+    ``se`` its standard error, ``dse`` the standard error of the paired difference to the best method,
+    ``p_loo`` is 0 and ``weight`` the stacking weights of the held-out densities.
+    """
+    if len(idatas) < 2:
+        raise ValueError(f"compare needs at least 2 results, got {len(idatas)}")
+    data = {k: _heldout_elpd_data(v) for k, v in idatas.items()} if heldout else dict(idatas)
+    with quiet():
+        return _az().compare(data, ic="loo")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence what arviz 0.23 emits on its own account in ``loo`` / ``compare`` / ``plot_trace``: large-Pareto-k
+    ``UserWarning`` s (expected on a few dozen observations) and deprecation warnings from pandas and matplotlib
+    about arviz's own calls."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield

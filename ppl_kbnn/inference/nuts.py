@@ -34,8 +34,27 @@ from .result import InferenceResult, draws_predictive, tensor_bytes
 __all__ = ["nuts"]
 
 
+class _Stats:
+    """MCMC ``hook_fn`` recording per-draw statistics after warm-up: the step size and the mean Metropolis
+    acceptance probability of the draw's tree (recovered from Pyro's running mean over the kept draws)."""
+
+    def __init__(self) -> None:
+        self.step_size: list[float] = []
+        self.acceptance_rate: list[float] = []
+        self._running = 0.0
+
+    def __call__(self, kernel: Any, params: Any, stage: str, i: int) -> None:
+        if not stage.startswith("Sample"):
+            return
+        running = float(getattr(kernel, "_mean_accept_prob", float("nan")))  # mean over draws 1..i+1
+        self.acceptance_rate.append((i + 1) * running - i * self._running)
+        self._running = running
+        self.step_size.append(float(kernel.step_size))
+
+
 def _chain(model: Any, x: Any, y: torch.Tensor, seed: int, settings: dict[str, Any], dtype: torch.dtype) -> dict:
-    """One NUTS chain seeded with ``seed``: its draws ``{site: (1, D, ...)}`` and per-chain diagnostics.
+    """One NUTS chain seeded with ``seed``: its draws ``{site: (1, D, ...)}``, per-draw statistics
+    ``{stat: (1, D)}`` and per-chain diagnostics.
     Runs in this process or in a spawned worker (then with one torch thread and the parent's dtype)."""
     if multiprocessing.parent_process() is not None:
         torch.set_num_threads(1)
@@ -44,15 +63,21 @@ def _chain(model: Any, x: Any, y: torch.Tensor, seed: int, settings: dict[str, A
     kernel = NUTS(model, jit_compile=settings["jit_compile"], ignore_jit_warnings=True,
                   target_accept_prob=settings["target_accept_prob"], max_tree_depth=settings["max_tree_depth"],
                   init_strategy=settings["init_strategy"], full_mass=settings["full_mass"])  # fmt: skip
+    stats = _Stats()
     mcmc = MCMC(kernel, num_samples=settings["num_samples"], warmup_steps=settings["warmup_steps"], num_chains=1,
-                disable_progbar=not settings["progress"])  # fmt: skip
+                disable_progbar=not settings["progress"], hook_fn=stats)  # fmt: skip
     tc = time.perf_counter()
     mcmc.run(x, y)
     seconds = time.perf_counter() - tc
     diag = mcmc.diagnostics()
+    divergent = diag.get("divergences", {}).get("chain 0", [])  # indices of divergent kept draws
+    diverging = torch.zeros(1, settings["num_samples"], dtype=torch.bool)
+    diverging[0, list(divergent)] = True
     return {
         "samples": {k: v.detach() for k, v in mcmc.get_samples(group_by_chain=True).items()},  # (1, D, ...)
-        "divergences": len(diag.get("divergences", {}).get("chain 0", [])),
+        "sample_stats": {"diverging": diverging, "step_size": torch.tensor([stats.step_size]),
+                         "acceptance_rate": torch.tensor([stats.acceptance_rate])},  # (1, D) each  # fmt: skip
+        "divergences": len(divergent),
         "acceptance_rate": float(diag.get("acceptance rate", {}).get("chain 0", float("nan"))),
         "step_size": float(kernel.step_size),
         "seconds": seconds,
@@ -107,7 +132,10 @@ def nuts(
         ``memory_bytes`` = bytes of the draws, and diagnostics ``max_rhat`` (rank-normalised split
         R-hat), ``min_ess_bulk``, ``min_ess_tail`` (arviz), ``divergences`` (total after warm-up),
         ``divergences_per_chain``, ``acceptance_rate`` and ``step_size`` per chain, ``chain_seconds``,
-        ``num_chains``, ``num_samples``, ``warmup_steps``.
+        ``num_chains``, ``num_samples``, ``warmup_steps``; ``num_chains`` and ``sample_stats`` (per draw,
+        ``(chains, draws)``: ``diverging``, ``step_size``, ``acceptance_rate`` = the mean Metropolis acceptance
+        probability over the draw's tree; Pyro's NUTS does not expose the tree depth or the number of leapfrog
+        steps) for :meth:`~ppl_kbnn.inference.InferenceResult.to_inference_data`, which keeps the chains apart.
     """
     for name, value, low in (("num_samples", num_samples, 4), ("warmup_steps", warmup_steps, 0),
                              ("num_chains", num_chains, 1), ("max_tree_depth", max_tree_depth, 1),
@@ -136,6 +164,7 @@ def nuts(
     seconds = [r["seconds"] for r in runs]
     wall = time.perf_counter() - t0
     grouped = {k: torch.cat([ch[k] for ch in chains]) for k in chains[0]}  # (C, D, ...)
+    sample_stats = {k: torch.cat([r["sample_stats"][k] for r in runs]) for k in runs[0]["sample_stats"]}  # (C, D)
     samples = {k: v.reshape(-1, *v.shape[2:]) for k, v in grouped.items()}  # (C·D, ...), chain-major
     diagnostics: dict[str, Any] = dict(_arviz.convergence(grouped))
     diagnostics.update(
@@ -162,4 +191,8 @@ def nuts(
         memory_bytes=tensor_bytes(samples),
         diagnostics=diagnostics,
         samples=samples,
+        num_chains=num_chains,
+        sample_stats=sample_stats,
+        model=model,
+        data=(x, y),
     )

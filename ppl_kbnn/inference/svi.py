@@ -88,6 +88,7 @@ def svi(
         AutoGuide, ``memory_bytes`` = bytes of the variational parameters, and diagnostics
         ``final_loss`` (mean of the last 10% of steps), ``num_params`` (variational scalars),
         ``optimizer_bytes`` (the Adam moments, not part of ``memory_bytes``: not needed to predict).
+        ``to_inference_data()`` gives one chain of the ``num_predict`` draws.
     """
     if guide not in GUIDES:
         raise ValueError(f"unknown svi guide {guide!r}; expected one of {GUIDES}")
@@ -154,4 +155,6 @@ def svi(
         samples=samples,
         trace=losses,
         fitted=q,
+        model=model,
+        data=(x, y),
     )

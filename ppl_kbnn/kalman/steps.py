@@ -46,8 +46,8 @@ def _weight_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w_kind: st
     """
     batch = "".join(chr(ord("A") + i) for i in range(a.dim() - 2))
     d_mean = torch.einsum(f"{batch}tnp,{batch}tn->np", c, a)
-    if w_kind == "block":
-        return d_mean, torch.einsum(f"{batch}tnp,{batch}tnq,{batch}tn->npq", c, c, b)
+    if w_kind == "block":  # two operands: no contraction-path search per call (the path opt_einsum picks)
+        return d_mean, torch.einsum(f"{batch}tnp,{batch}tnq->npq", c, c * b[..., None])
     return d_mean, torch.einsum(f"{batch}tnp,{batch}tn->np", c * c, b)
 
 

@@ -71,12 +71,29 @@ class _Elementwise(NamedTuple):
     mean: torch.Tensor  # E[g(x)]
     var: torch.Tensor  # Var[g(x)]
     dmean: torch.Tensor  # E[g'(x)] = d E[g] / d m
-    coeffs: torch.Tensor  # (..., K): a_k = σ^k ∂^k E / ∂m^k, k = 1..K
+    coeffs: torch.Tensor  # (..., K): a_k = σ^k ∂^k E / ∂m^k, k = 1..K (K = 0: none, not computed)
+
+
+def _no_coeffs(m: torch.Tensor) -> torch.Tensor:
+    """The empty ``(..., 0)`` coefficients of ``K = 0``: callers that need no series skip computing it."""
+    return m.new_empty(*m.shape, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _series_constants(
+    K: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k = 1..K``, ``k!`` (as ``exp(lgamma(k + 1))``) and ``1/√k!`` (as ``exp(-lgamma(k + 1)/2)``), made once
+    per ``(K, dtype, device)``: the same values the series used to rebuild on every call."""
+    with torch.inference_mode(False):  # plain tensors even if first made under inference mode
+        k = torch.arange(1, K + 1, dtype=dtype, device=device)
+        lg = torch.lgamma(k + 1)
+        return k, torch.exp(lg), torch.exp(-0.5 * lg)
 
 
 def _series_var(coeffs: torch.Tensor) -> torch.Tensor:
-    k = torch.arange(1, coeffs.shape[-1] + 1, dtype=coeffs.dtype, device=coeffs.device)
-    return (coeffs * coeffs / torch.exp(torch.lgamma(k + 1))).sum(-1)
+    _, fact, _ = _series_constants(coeffs.shape[-1], coeffs.dtype, coeffs.device)
+    return (coeffs * coeffs / fact).sum(-1)
 
 
 def _relu(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
@@ -89,17 +106,21 @@ def _relu(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
     # Var/v = (α²+1)Φ + αφ - (αΦ+φ)², written with Φ(-α) to avoid cancellation for large α
     h = a * a * Pa * Pna + Pa + a * pa * (Pna - Pa) - pa * pa
     var = vs * h.clamp_min(0.0)  # clamp: round-off only (reachable for α < -30)
-    He = hermite(a, max(K - 2, 0))  # He_0 .. He_{K-2}
-    ks = torch.arange(2, K + 1, device=m.device)
-    sign = torch.where(ks % 2 == 0, 1.0, -1.0).to(m.dtype)
-    higher = (s * pa)[..., None] * sign * He[..., : K - 1]
-    coeffs = torch.cat([(s * Pa)[..., None], higher], dim=-1)[..., :K]
+    if K > 0:
+        He = hermite(a, max(K - 2, 0))  # He_0 .. He_{K-2}
+        ks = torch.arange(2, K + 1, device=m.device)
+        sign = torch.where(ks % 2 == 0, 1.0, -1.0).to(m.dtype)
+        higher = (s * pa)[..., None] * sign * He[..., : K - 1]
+        coeffs = torch.cat([(s * Pa)[..., None], higher], dim=-1)[..., :K]
+        coeffs = torch.where(pos[..., None], coeffs, torch.zeros_like(coeffs))
+    else:
+        coeffs = _no_coeffs(m)
     z = torch.zeros_like(m)
     return _Elementwise(
         torch.where(pos, mean, F.relu(m)),
         torch.where(pos, var, z),
         torch.where(pos, Pa, (m > 0).to(m.dtype)),
-        torch.where(pos[..., None], coeffs, torch.zeros_like(coeffs)),
+        coeffs,
     )
 
 
@@ -112,7 +133,7 @@ def _gelu(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
     Pu, pu = Phi(u), phi(u)
     mean = m * Pu + vs / c * pu
     dmean = Pu + u * pu / c2
-    coeffs = _gelu_coeffs(m, vs, K)
+    coeffs = _gelu_coeffs(m, vs, K) if K > 0 else None
     # E[x²Φ(x)²] in closed form (docs/moments/activations.md):
     rho = vs / c2
     Fq = bvn_equal(u, rho)  # P(Y1<=0, Y2<=0)
@@ -131,7 +152,7 @@ def _gelu(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
         torch.where(pos, mean, F.gelu(m)),
         torch.where(pos, var, z),
         torch.where(pos, dmean, Phi(m) + m * phi(m)),
-        torch.where(pos[..., None], coeffs, torch.zeros_like(coeffs)),
+        _no_coeffs(m) if coeffs is None else torch.where(pos[..., None], coeffs, torch.zeros_like(coeffs)),
     )
 
 
@@ -167,17 +188,26 @@ def _sigmoid_polynomials(K: int) -> tuple[tuple[float, ...], ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=16)
+def _sigmoid_tables(K: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The polynomial coefficients ``(K, K + 2)`` of :func:`_sigmoid_polynomials` and the powers ``0..K+1``,
+    as tensors made once per ``(K, dtype, device)``."""
+    with torch.inference_mode(False):  # plain tensors even if first made under inference mode
+        return (torch.tensor(_sigmoid_polynomials(K), dtype=dtype, device=device),
+                torch.arange(K + 2, dtype=dtype, device=device))  # fmt: skip
+
+
 def _sigmoid_derivatives(s: torch.Tensor, K: int) -> torch.Tensor:
     """``sig^{(k)}`` for ``k = 1..K`` as polynomials in ``s = sig(x)``: ``P_{k+1}(s) = P_k'(s) s(1 - s)``."""
-    C = torch.tensor(_sigmoid_polynomials(K), dtype=s.dtype, device=s.device)  # (K, K + 2)
-    powers = s[..., None] ** torch.arange(K + 2, dtype=s.dtype, device=s.device)  # (..., K + 2)
+    C, pw = _sigmoid_tables(K, s.dtype, s.device)  # (K, K + 2), (K + 2,)
+    powers = s[..., None] ** pw  # (..., K + 2)
     return powers @ C.mT
 
 
 def _sigmoid(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
     t = torch.sqrt(1.0 + LAMBDA2 * v)
     mean = torch.sigmoid(m / t)  # MacKay's probit approximation of E[sig(x)]
-    ks = torch.arange(1, SIGMOID_SERIES_ORDER + 1, dtype=m.dtype, device=m.device)
+    ks = _series_constants(SIGMOID_SERIES_ORDER, m.dtype, m.device)[0]  # 1..4
     # a_k = σ^k ∂^k_m sig(m/t) = (σ/t)^k sig^{(k)}(m/t), k = 1..4
     a = (v.sqrt() / t)[..., None] ** ks * _sigmoid_derivatives(mean, SIGMOID_SERIES_ORDER)
     coeffs = a[..., :K] if K <= SIGMOID_SERIES_ORDER else torch.cat([a, a.new_zeros(*a.shape[:-1], K - len(ks))], -1)
@@ -197,7 +227,8 @@ def _tanh(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
 
 def _identity(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
     coeffs = torch.zeros(*m.shape, K, dtype=m.dtype, device=m.device)
-    coeffs[..., 0] = v.sqrt()
+    if K > 0:
+        coeffs[..., 0] = v.sqrt()
     return _Elementwise(m, v, torch.ones_like(m), coeffs)
 
 
@@ -208,7 +239,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], _Elementwise]
     "tanh": _tanh,
     "identity": _identity,
 }
-"""Supported activations by name."""
+"""Supported activations by name: ``fn(m, v, K)`` gives the elementwise mean, variance, ``E[g']`` and the
+first ``K`` series coefficients (``K = 0``: none, for callers that need the marginals only)."""
 
 
 def _marginal(name: str, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,7 +250,7 @@ def _marginal(name: str, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.T
         check_same_dtype(mean=mean, var=var)
         if mean.shape != var.shape:
             raise ValueError(f"mean and var must have the same shape, got {tuple(mean.shape)} and {tuple(var.shape)}")
-    e = ACTIVATIONS[name](mean, var, 1)
+    e = ACTIVATIONS[name](mean, var, 0)  # marginals only: no series coefficients
     return e.mean, e.var, var * e.dmean
 
 
@@ -287,8 +319,8 @@ def activation_moments(
         check_same_dtype(mean=mean, cov=cov)
         check_batch(mean=(mean, 2), cov=(cov, cov_event_dims(kind)))
     v = marginal_var(cov, kind)
-    # the diag kind needs no series coefficients (no off-diagonal covariance): one term suffices
-    e = ACTIVATIONS[activation](mean, v, 1 if kind is CovKind.DIAG else series_order)
+    # the diag kind needs no series coefficients (no off-diagonal covariance): none are computed
+    e = ACTIVATIONS[activation](mean, v, 0 if kind is CovKind.DIAG else series_order)
     if kind is CovKind.DIAG:
         return ActivationMoments(e.mean, e.var, v * e.dmean, e.dmean)
     T, d = mean.shape[-2:]
@@ -306,8 +338,7 @@ def activation_moments(
     # with ρ out of the subnormal range, where CPU arithmetic is ~100x slower.
     rho = torch.where(rho.abs() < RHO_ZERO, torch.zeros_like(rho), rho)
     # Σ_k ρ^k a_ik a_jk / k! by Horner's rule in ρ, with a_k / √k! scaled once on the small (..., n, K) tensor
-    k = torch.arange(1, series_order + 1, dtype=a.dtype, device=a.device)
-    a = a * torch.exp(-0.5 * torch.lgamma(k + 1))
+    a = a * _series_constants(series_order, a.dtype, a.device)[2]  # a_k / √k!
     out = a[..., :, None, -1] * a[..., None, :, -1]
     for j in range(series_order - 2, -1, -1):  # a loop over series terms, not over neurons or tokens
         out = torch.addcmul(a[..., :, None, j] * a[..., None, :, j], rho, out)

@@ -39,6 +39,8 @@ class CovKind(str, Enum):
 
 def as_kind(kind: str | CovKind) -> CovKind:
     """Parse a kind string, with an error that lists the valid ones."""
+    if isinstance(kind, CovKind):
+        return kind
     try:
         return CovKind(kind)
     except ValueError:

@@ -65,7 +65,7 @@ def augment(u: torch.Tensor) -> torch.Tensor:
     """``[u; 1]`` along the last dim: ``(..., d) -> (..., d + 1)``."""
     if is_validating():
         check_tensor("u", u, min_dim=1)
-    return torch.cat([u, u.new_ones(*u.shape[:-1], 1)], dim=-1)
+    return F.pad(u, (0, 1), value=1.0)  # one op (was cat + new_ones), the same values
 
 
 def _check_weights(w_mean: torch.Tensor, w_cov: torch.Tensor | None, w_kind: str, d_in: int) -> None:
@@ -185,6 +185,11 @@ def linear_moments(
         CovKind.TOKEN: (T, n, n),
         CovKind.JOINT: (T, n, T, n),
     }[kind]
+    if A is None and BC is not None:  # deterministic input: the covariance is BC alone (no zeros + BC)
+        if kind is CovKind.DIAG:
+            return LinearMoments(y_mean, BC, cross, w_cross)
+        if kind is CovKind.TOKEN:
+            return LinearMoments(y_mean, torch.diag_embed(BC), cross, w_cross)
     y_cov = A if A is not None else y_mean.new_zeros(*batch, *zeros)
     if BC is not None:
         if kind is CovKind.DIAG:

@@ -1,4 +1,4 @@
-r"""The pendulum study (DESIGN §7): sequential adaptation of a pre-trained decision transformer to a shifted task.
+r"""The pendulum study: sequential adaptation of a pre-trained decision transformer to a shifted task.
 
 ``ppl-kbnn pendulum [--quick] [--seed N] --out DIR`` calls :func:`run_study`, which
 

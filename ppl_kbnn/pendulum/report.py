@@ -6,7 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FIGURES", "write_figures", "write_markdown"]
+__all__ = ["FIGURES", "SMOKE_TEST", "write_figures", "write_markdown"]
+
+SMOKE_TEST = "SMOKE TEST (--quick): not a result"
+"""The banner of every ``--quick`` output (console, ``results.md``, figures): a quick run only shows the pipeline
+runs end to end; its few episodes and samples say nothing about the methods."""
 
 FIGURES = {
     "pretrain_loss": "pretrain_loss.png",
@@ -48,6 +52,16 @@ def _bytes(b: int | None) -> str:
     return f"{b / 1024**2:.2f} MiB"
 
 
+def _save(fig: Any, path: Path, results: dict[str, Any]) -> None:
+    """``tight_layout`` and save; a quick run's figure gets the :data:`SMOKE_TEST` banner across the top."""
+    if results.get("quick"):
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        fig.text(0.5, 0.985, SMOKE_TEST, ha="center", va="top", color="firebrick", fontsize=11, fontweight="bold")
+    else:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _style(name: str, i: int) -> dict[str, Any]:
     if name == "none":
         return {"color": "0.4", "ls": ":", "marker": "x"}
@@ -83,8 +97,7 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
         ax.plot(range(1, len(losses) + 1), losses, lw=0.7)
         ax.set(xlabel="AdamW step", ylabel="MSE (normalised actions)", yscale="log",
                title="pre-training on nominal expert data")  # fmt: skip
-        fig.tight_layout()
-        fig.savefig(out / FIGURES["pretrain_loss"], dpi=110)
+        _save(fig, out / FIGURES["pretrain_loss"], results)
         plt.close(fig)
         written["pretrain_loss"] = FIGURES["pretrain_loss"]
 
@@ -117,8 +130,7 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
                 title=f"episode length (success = {steps} steps)")  # fmt: skip
         ax2.axhline(steps, color="0.7", lw=0.8)
         _legend(ax, fontsize=8, loc="upper left")
-        fig.tight_layout()
-        fig.savefig(out / FIGURES["success_vs_samples"], dpi=110)
+        _save(fig, out / FIGURES["success_vs_samples"], results)
         plt.close(fig)
         written["success_vs_samples"] = FIGURES["success_vs_samples"]
 
@@ -144,8 +156,7 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
         ax.set(xscale="log", xlabel=f"state beyond the pre-trained weights after n={n_last} (bytes)",
                ylabel="success rate (Wilson 95 %)", ylim=(-0.03, 1.1), title="success vs memory")  # fmt: skip
         _legend(ax, fontsize=8, loc="center left")
-        fig.tight_layout()
-        fig.savefig(out / FIGURES["success_vs_memory"], dpi=110)
+        _save(fig, out / FIGURES["success_vs_memory"], results)
         plt.close(fig)
         written["success_vs_memory"] = FIGURES["success_vs_memory"]
 
@@ -169,8 +180,7 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
         ax2.set_xticks(checkpoints[1:], [str(n) for n in checkpoints[1:]])
         ax2.minorticks_off()
         _legend(ax2, fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / FIGURES["time_per_sample"], dpi=110)
+        _save(fig, out / FIGURES["time_per_sample"], results)
         plt.close(fig)
         written["time_per_sample"] = FIGURES["time_per_sample"]
 
@@ -191,8 +201,7 @@ def write_figures(out: Path, results: dict[str, Any]) -> dict[str, str]:
                ylabel="std / RMSE on held-out labels (normalised)",
                title=f"KBT-{unc['covariance']} after {unc['n_updates']} noisy samples")  # fmt: skip
         _legend(ax, fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / FIGURES["uncertainty"], dpi=110)
+        _save(fig, out / FIGURES["uncertainty"], results)
         plt.close(fig)
         written["uncertainty"] = FIGURES["uncertainty"]
     return written
@@ -208,8 +217,16 @@ def write_markdown(results: dict[str, Any]) -> str:
     pre = results["pretrained"]
     cfg = pre["config"]
     lines = [
-        f"# Pendulum study ({'quick' if results['quick'] else 'full'} run, seed {results['seed']})",
+        f"# Pendulum study ({'SMOKE TEST, --quick' if results['quick'] else 'full'} run, seed {results['seed']})",
         "",
+    ]
+    if results["quick"]:
+        lines += [
+            f"> **{SMOKE_TEST}.** A `--quick` run checks that the study runs end to end; its few episodes and",
+            "> samples say nothing about the methods. Run without `--quick` for results.",
+            "",
+        ]
+    lines += [
         f"Command: `{results['command']}`",
         "",
         f"ppl-kbnn {results['version']}; {results['timings']['total_s']:.0f} s in all; float64 throughout; "

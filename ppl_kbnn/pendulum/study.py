@@ -1,4 +1,4 @@
-"""The pendulum study (DESIGN §7): ``run_study`` and its settings. See the package docstring for the protocol."""
+"""The pendulum study: ``run_study`` and its settings. See the package docstring for the protocol."""
 
 from __future__ import annotations
 
@@ -271,15 +271,16 @@ def _environment(threads: int) -> dict[str, Any]:
 
 
 class _Progress:
-    """tqdm bars that vanish when ``progress=False``; ``log`` prints above the bars."""
+    """Progress on stderr: ``log`` lines (one per stage) when enabled, tqdm bars only when stderr is a terminal."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self.bars = enabled and sys.stderr.isatty()  # bars only on a terminal (a log file would get every frame)
 
     def bar(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, disable=not self.enabled, leave=False, file=sys.stderr)
+        return tqdm(total=total, desc=desc, disable=not self.bars, leave=False, file=sys.stderr)
 
     def log(self, msg: str) -> None:
         if self.enabled:
@@ -321,7 +322,7 @@ def run_study(
 
     Args:
         out_dir: output folder (created).
-        quick: use :data:`QUICK` instead of :data:`FULL` (about one minute instead of three to five here).
+        quick: use :data:`QUICK` instead of :data:`FULL`: a smoke test of the pipeline, not a result.
         seed: base seed of everything random (network initialisation, data, stream order, evaluation episodes).
         progress: show tqdm progress bars and log lines on stderr.
         command: the command line recorded in the results.
@@ -402,7 +403,7 @@ def _run(out: Path, quick: bool, seed: int, progress: bool, command: str, s: Stu
     t0 = time.perf_counter()
     losses = pretrain(net, ds.loss_fn(), s.pretrain_steps, n_data=len(ds), lr=s.pretrain_lr,
                       weight_decay=s.pretrain_weight_decay, batch_size=s.pretrain_batch, seed=seed,
-                      progress=progress)  # fmt: skip
+                      progress=P.bars)  # fmt: skip
     timings["pretrain_s"] = time.perf_counter() - t0
     net.eval()
     n_params = sum(p.numel() for p in net.parameters())
@@ -701,6 +702,7 @@ def _uncertainty(
 
 
 def _finish(out: Path, results: dict[str, Any], timings: dict[str, float], t_start: float) -> dict[str, Any]:
+    from .._io import write_text_atomic
     from .report import write_figures, write_markdown
 
     t0 = time.perf_counter()
@@ -709,6 +711,6 @@ def _finish(out: Path, results: dict[str, Any], timings: dict[str, float], t_sta
     timings["total_s"] = time.perf_counter() - t_start
     results["timings"] = timings
     results = copy.deepcopy(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(write_markdown(results))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.md", write_markdown(results))
     return results

@@ -1,7 +1,7 @@
 r"""Validation section ``linear_exact``: the Kalman guide on models that are linear in their Bayesian weights.
 
 When the output is linear in the Bayesian weights, the Gaussian posterior is known in closed form and
-the guide must reproduce it to rounding error (DESIGN §5, rung 3). Every problem streams
+the guide must reproduce it to rounding error. Every problem streams
 :data:`N_UPDATES` samples one at a time through ``KalmanGuide(covariance="block")`` and, after every
 update, compares the belief of every Bayesian linear map (mean ``(rows, p)`` and covariance
 ``(rows, p, p)``, bias last) with an independent reference. Everything is float64.

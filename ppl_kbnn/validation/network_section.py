@@ -13,7 +13,7 @@ over the outputs in units of the Monte-Carlo std; ``std_ratio_min`` / ``std_rati
 ``std_closed / std_mc`` (the closed-form std without the observation noise); ``std_ratio_mc_se`` =
 ``1/√(2(n−1))``, the Monte-Carlo standard error of a std ratio; ``seconds`` = closed-form predict time.
 
-Checks (the acceptance of issue 5): for the ``"joint"`` mode, at every prior scale ≤ 0.05, every case,
+Checks: for the ``"joint"`` mode, at every prior scale ≤ 0.05, every case,
 both covariance kinds, 0 and 50 updates: (1) ``mean_err ≤ 0.2``; (2) std ratio in ``[0.8, 1.25]``.
 The other modes and prior scale 0.1 are reported, not checked.
 """

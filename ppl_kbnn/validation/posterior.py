@@ -1,8 +1,8 @@
-r"""Validation section ``posterior``: KBT vs NUTS vs SVI on identical data and prior (DESIGN §5, rung 5).
+r"""Validation section ``posterior``: KBT vs NUTS vs SVI on identical data and prior.
 
 Problems (:data:`PROBLEMS`), float64:
 
-* ``mlp`` (issue 3): ``Linear(1,16) → ReLU → Linear(16,1)`` pre-trained on ``sin x``
+* ``mlp``: ``Linear(1,16) → ReLU → Linear(16,1)`` pre-trained on ``sin x``
   (:func:`~ppl_kbnn.toy.pretrained_mlp`, seed ``seed``), every weight Bayesian, prior scale 0.1 around the
   pre-trained weights, obs noise 0.1; 50 training samples of ``sin x + 0.3 x`` + noise 0.1
   (:func:`~ppl_kbnn.toy.regression_stream`, seed ``seed + 1``; seed 0 gives exactly the issue-3 data);
@@ -11,7 +11,7 @@ Problems (:data:`PROBLEMS`), float64:
   linear in those weights, so the posterior is Gaussian and KBT-block is exact (conjugate regression on the
   frozen ReLU features): its distance to NUTS measures NUTS's own Monte-Carlo error. It is the cheapest
   problem on which NUTS reaches R-hat ≤ 1.01 (about 1200 draws per chain), so it is the ``--quick`` problem.
-* ``transformer`` (issue 4): d_model 8, 1 layer, 1 head, 6 tokens
+* ``transformer``: d_model 8, 1 layer, 1 head, 6 tokens
   (:func:`~ppl_kbnn.toy.teacher_student_transformer`, seed ``seed``): the student's weights centre the
   prior (scale 0.05, every ``Linear`` Bayesian), the teacher (student + 0.05·N(0, 1) on every parameter)
   generates 40 training samples and 200 held-out samples (noise 0.1), obs noise 0.1. KBT hidden mode
@@ -25,6 +25,10 @@ Methods, all on the same :class:`~ppl_kbnn.model.BayesianModel` and data:
 * ``svi-normal``, ``svi-lowrank`` — :func:`~ppl_kbnn.inference.svi` (AutoNormal / AutoLowRankMultivariateNormal,
   full-batch ELBO, initialised at the prior means; the function already copies the prior means so
   AutoNormal cannot move the prior in place); wall time includes the 500 predictive draws;
+* ``laplace-full``, ``laplace-kron`` — :func:`~ppl_kbnn.inference.laplace` (laplace-torch): a Gaussian at the
+  MAP (the pre-trained weights refined by L-BFGS) with the full / Kronecker-factored GGN over all Bayesian
+  weights and a scalar prior precision from the marginal likelihood; predictive = the linearised (GLM) one;
+  skipped if laplace-torch is not installed;
 * ``nuts`` — the reference: :func:`~ppl_kbnn.inference.nuts`, JIT, 2 chains (seeds ``seed``,
   ``seed + 1``) side by side in two processes, initialised from prior draws; dense mass matrix on the
   MLPs (their posteriors are strongly correlated: 3× fewer seconds per effective draw on ``mlp-head``),
@@ -40,7 +44,8 @@ log-likelihood of the held-out noisy targets under ``N(m, s²)``; ``coverage90``
 targets inside ``m ± 1.645 s``; ``wall_s``; ``memory_bytes``. NUTS also gets max R-hat (rank-normalised
 split R-hat), min bulk / tail ESS (arviz), divergences, and the Monte-Carlo standard error of its own
 predictive mean, ``nuts_mean_mcse_max`` = max over inputs of ``sd_s f(x; θ_s) / √ESS_mean / s*`` (the floor
-below which a mean error is not resolved).
+below which a mean error is not resolved). ``heldout_compare``: ``az.compare`` of every method's held-out log
+predictive density ``Σ_i log mean_s p(y_i | θ_s)`` (:func:`~ppl_kbnn.inference.compare` with ``heldout=True``).
 
 Checks: for every problem, NUTS converged: max R-hat ≤ 1.01 and min bulk ESS ≥ 100 (the reference must
 be trustworthy); every method's predictive is finite with ``s > 0``.
@@ -71,7 +76,7 @@ import torch
 from tqdm import tqdm
 
 from ..guide import KalmanGuide
-from ..inference import ess, from_guide, model_output, nuts, svi
+from ..inference import InferenceResult, compare, ess, from_guide, laplace, model_output, nuts, svi
 from ..model import BayesianModel
 from ..toy import pretrained_mlp, regression_stream, teacher_student_transformer
 
@@ -118,7 +123,8 @@ GUIDES: tuple[tuple[str, str, str], ...] = (
 )  # fmt: skip
 """Closed-form sequential methods: ``(name, covariance, update)``; each predicts with its matching read-out."""
 N_ORDERS = 6  # stream orders per closed-form method (the given order and 5 random permutations)
-METHODS = ("prior", *(g[0] for g in GUIDES), "svi-normal", "svi-lowrank", "nuts")
+METHODS = ("prior", *(g[0] for g in GUIDES), "svi-normal", "svi-lowrank", "laplace-full", "laplace-kron", "nuts")
+LAPLACE_STRUCTURES = ("full", "kron")  # Hessian structures of the Laplace rows (all Bayesian weights, marglik prior)
 
 
 def _problem(name: str, seed: int, n_test: int) -> dict[str, Any]:
@@ -175,6 +181,7 @@ def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar:
     preds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     predictors: dict[str, Any] = {}
     info: dict[str, dict[str, Any]] = {}
+    results: dict[str, InferenceResult] = {}  # for the held-out az.compare
 
     def step(method: str) -> None:
         bar.set_description(f"posterior {name}: {method}")
@@ -186,6 +193,7 @@ def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar:
                jit_compile=True, progress=progress, full_mass=nc.get("full_mass", False),
                processes=max(1, min(NUTS_PROCESSES, os.cpu_count() or 1)))  # fmt: skip
     predictors["nuts"] = ref.predict
+    results["nuts"] = ref
     preds["nuts"] = ref.predict(xt)
     f = _draw_outputs(model, ref.samples, xt)  # (C·D, N, d), chain-major
     f_chains = f.reshape(NUM_CHAINS, nc["draws"], *f.shape[1:])
@@ -205,13 +213,14 @@ def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar:
     # closed form
     step("prior, kbt")
     prior = KalmanGuide(model, covariance="block", hidden=spec["kbt_hidden"])
-    predictors["prior"] = from_guide(prior).predict
+    results["prior"] = from_guide(prior, model=model)
+    predictors["prior"] = results["prior"].predict
     preds["prior"] = predictors["prior"](xt)
     info["prior"] = {"wall_s": 0.0, "memory_bytes": int(prior.belief_bytes)}
     for name_g, cov, rule in GUIDES:
         step(name_g)
         guide = KalmanGuide(model, covariance=cov, update=rule, hidden=spec["kbt_hidden"]).update(x, y)
-        res = from_guide(guide, method=name_g)
+        res = results[name_g] = from_guide(guide, method=name_g, model=model)
         predictors[res.method] = res.predict
         preds[res.method] = res.predict(xt)
         orders = [preds[res.method]]
@@ -231,15 +240,18 @@ def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar:
         res = svi(model, x, y, guide=kind, num_steps=cfg["svi_steps"][name], lr=SVI_LR, seed=seed,
                   num_predict=SVI_PREDICT, progress=progress)  # fmt: skip
         predictors[res.method] = res.predict
-        preds[res.method] = res.predict(xt)
+        preds[res.method], results[res.method] = res.predict(xt), res
         info[res.method] = {"wall_s": res.wall_seconds, "memory_bytes": res.memory_bytes,
                             "num_steps": res.diagnostics["num_steps"], "final_loss": res.diagnostics["final_loss"],
                             "rank": res.diagnostics["rank"]}  # fmt: skip
         bar.update(1)
+    step("laplace")
+    _laplace_rows(model, x, y, xt, preds, predictors, info, results)
+    bar.update(1)
 
     ref_mean, ref_std = preds["nuts"]
     methods = []
-    for method in METHODS:
+    for method in (m for m in METHODS if m in preds):
         mean, std = preds[method]
         extra = dict(info[method])
         if "orders" in extra:  # max mean error and max |log std ratio| over the stream orders: (min, max)
@@ -258,12 +270,43 @@ def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar:
         "nuts": info["nuts"],
         "speedup_kbt_block": info["nuts"]["wall_s"] / max(kbt["wall_s"], 1e-12),
         "curve": _curve(predictors, x, y) if name.startswith("mlp") else None,
+        "heldout_compare": _heldout_compare(results, xt, yt),
     }
 
 
 def _rows(x: Any, idx: torch.Tensor) -> Any:
     """Rows ``idx`` of a batch (a tensor or a dict of tensors)."""
     return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
+
+
+def _laplace_rows(model: BayesianModel, x: Any, y: torch.Tensor, xt: Any, preds: dict[str, Any],
+                  predictors: dict[str, Any], info: dict[str, dict[str, Any]], results: dict[str, Any]) -> None:
+    """The Laplace baseline (laplace-torch; :data:`LAPLACE_STRUCTURES` over all Bayesian weights, MAP refined from
+    the pre-trained weights, scalar prior precision from the marginal likelihood), added in place beside the other
+    methods. Skipped, with a note in ``info``, if laplace-torch is not installed."""
+    for structure in LAPLACE_STRUCTURES:
+        try:
+            res = laplace(model, x, y, structure)
+        except ImportError as err:
+            info[f"laplace-{structure}"] = {"skipped": str(err)}
+            continue
+        d = res.diagnostics
+        predictors[res.method], results[res.method] = res.predict, res
+        preds[res.method] = res.predict(xt)
+        info[res.method] = {"wall_s": res.wall_seconds, "memory_bytes": res.memory_bytes,
+                            "prior_precision": d["prior_precision"][0], "log_marglik": d["log_marglik"],
+                            "map_grad_norm": d["map_grad_norm"]}  # fmt: skip
+
+
+def _heldout_compare(results: dict[str, Any], xt: Any, yt: torch.Tensor, num_draws: int = 500) -> list[dict[str, Any]]:
+    """``az.compare`` of every method's held-out log predictive density ``Σ_i log mean_s p(y_i | θ_s)`` (draws: NUTS's
+    and SVI's own, ``num_draws`` from the Kalman beliefs and Laplace); rows best first."""
+    idatas = {m: r.to_inference_data(xt, yt, num_draws=num_draws if r.sampler else None) for m, r in results.items()}
+    table = compare(idatas, heldout=True)
+    return [{"method": m, "rank": int(row["rank"]), "elpd": float(row["elpd_loo"]), "se": float(row["se"]),
+             "elpd_diff": float(row["elpd_diff"]), "dse": float(row["dse"]), "weight": float(row["weight"]),
+             "num_draws": int(idatas[m].log_likelihood["obs"].shape[0] * idatas[m].log_likelihood["obs"].shape[1])}
+            for m, row in table.iterrows()]  # fmt: skip
 
 
 def _curve(predictors: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -436,6 +479,14 @@ def _markdown(result: dict[str, Any], command: str) -> str:
             f"MC error of its predictive mean ≤ {n['nuts_mean_mcse_max']:.3f} NUTS std. "
             f"NUTS time / KBT-block total update time = {p['speedup_kbt_block']:.0f}.",
             "",
+            "Held-out log predictive density (`az.compare` of Σ_i log mean_s p(y_i | θ_s) on the held-out samples; "
+            "dse = standard error of the difference to the best):",
+            "",
+            "| method | rank | elpd | se | elpd diff | dse | draws |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *(f"| {r['method']} | {r['rank']} | {r['elpd']:.2f} | {r['se']:.2f} | {r['elpd_diff']:.2f} "
+              f"| {r['dse']:.2f} | {r['num_draws']} |" for r in p["heldout_compare"]),
+            "",
         ]
     lines += ["Checks:", ""]
     for c in result["checks"]:
@@ -557,7 +608,7 @@ def posterior_section(
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        with tqdm(total=4 * len(cfg["problems"]), desc="posterior", disable=not progress, file=sys.stderr) as bar:
+        with tqdm(total=5 * len(cfg["problems"]), desc="posterior", disable=not progress, file=sys.stderr) as bar:
             problems = [_run_problem(name, cfg, seed, progress, bar) for name in cfg["problems"]]
     finally:
         torch.set_default_dtype(old)
