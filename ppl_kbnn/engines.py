@@ -119,9 +119,12 @@ class Engine:
 
     @classmethod
     def options(cls) -> set[str]:
+        """The keyword options the rule takes (passed through :class:`~ppl_kbnn.guide.KalmanGuide`)."""
         return set()
 
     def step(self, x: Any, y: torch.Tensor) -> None:
+        """Absorb one sample (``x`` a batch of 1 for transformers, one input row for chains; ``y`` its targets)
+        into ``guide.belief``."""
         raise NotImplementedError
 
 
@@ -209,13 +212,15 @@ class KBNNTransformer(Engine):
 
     key, beliefs, readout = "kbnn", (BlockBelief, DiagBelief), "moments"
 
-    def propagator(self, beliefs: dict | None = None, requires_grad: bool = False) -> Propagator:
+    def propagator(self, beliefs: dict | None = None) -> Propagator:
+        """A :class:`~ppl_kbnn.propagate.Propagator` over the guide's per-row belief (or ``beliefs``)."""
         g = self.guide
         w_kind = getattr(g.belief, "w_kind", "block") if beliefs is None else "block"
         return Propagator(g._net, g.beliefs() if beliefs is None else beliefs, mode=g.hidden, w_kind=w_kind,
                           observe=g.observe)  # fmt: skip
 
     def moments(self, x: Any, beliefs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed-form predictive moments of the observed outputs (no observation noise)."""
         prop = self.propagator(beliefs)
         with validation(False):
             out = prop.forward(x)
