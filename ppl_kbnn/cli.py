@@ -62,6 +62,12 @@ def _network_moments(**kwargs: Any) -> dict[str, Any]:
     return network_section(**kwargs)
 
 
+def _long_stream(**kwargs: Any) -> dict[str, Any]:
+    from .validation.long_stream import long_stream_section
+
+    return long_stream_section(**kwargs)
+
+
 def _posterior(**kwargs: Any) -> dict[str, Any]:
     from .validation.posterior import posterior_section
 
@@ -74,6 +80,7 @@ def _posterior(**kwargs: Any) -> dict[str, Any]:
 SECTIONS: dict[str, Section] = {
     "softmax": _softmax,
     "ops": _ops,
+    "long_stream": _long_stream,
     "linear_exact": _linear_exact,
     "network_moments": _network_moments,
     "posterior": _posterior,

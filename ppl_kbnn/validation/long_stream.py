@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 FULL = {"n_updates": 100_000, "check_every": 100, "kinds": ("block", "diag"), "process_noise": 1e-6}
-QUICK = {"n_updates": 10_000, "check_every": 100, "kinds": ("block", "diag"), "process_noise": 1e-6}
+QUICK = {"n_updates": 2_000, "check_every": 100, "kinds": ("block", "diag"), "process_noise": 1e-6}
 WIDTHS = (2, 8, 8, 1)
 PRIOR_SCALE = 0.3
 OBS_NOISE = 0.1
@@ -190,7 +190,7 @@ def long_stream_section(
     """Run the long-stream belief check for each covariance kind; write ``long_stream.json`` and ``.md``.
 
     Args:
-        quick: use :data:`QUICK` (10,000 updates) instead of :data:`FULL` (100,000 updates).
+        quick: use :data:`QUICK` (2,000 updates) instead of :data:`FULL` (100,000 updates).
         seed: seeds the network and the stream.
         out_dir: folder for ``long_stream.json`` and ``long_stream.md``.
         progress: show a tqdm progress bar on stderr.
