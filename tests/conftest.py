@@ -29,8 +29,36 @@ def random_psd(n: int, gen: torch.Generator, scale: float = 1.0, batch: tuple[in
 
 # --------------------------------------------------------------------------------------------- shared references
 #
-# NUTS references are the expensive part of the suite: each is computed once per test session (session-scoped
-# fixtures) and shared by every test that compares against it.
+# NUTS references are the expensive part of the suite. Each is computed once per session, in a background process
+# started as soon as the tests are collected (its chains one after the other, one thread), while the rest of the
+# suite runs on the other core; the tests that need a reference are moved to the end of the run, where they wait
+# for it. tests/_references.py holds what the workers run.
+
+_REFERENCES = {"mlp_reference": "mlp_reference", "transformer_reference": "transformer_reference"}
+_background: dict = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the references the selected tests need, and run those tests last."""
+    needed = {name for item in items for name in getattr(item, "fixturenames", ()) if name in _REFERENCES}
+    if not needed:
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import _references
+
+    pool = ProcessPoolExecutor(max_workers=len(needed), mp_context=multiprocessing.get_context("spawn"))
+    _background["pool"] = pool
+    for name in sorted(needed):
+        _background[name] = pool.submit(getattr(_references, _REFERENCES[name]))
+    items.sort(key=lambda item: any(n in _REFERENCES for n in getattr(item, "fixturenames", ())))  # stable
+
+
+def pytest_sessionfinish(session, exitstatus):
+    pool = _background.pop("pool", None)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Float64:
@@ -47,27 +75,16 @@ def mlp_reference():
     """The 16-unit ReLU MLP problem against NUTS, with the SVI baselines on the same model and data.
 
     ``Linear(1,16) → ReLU → Linear(16,1)`` pre-trained on sin(x), prior_scale 0.1 around the pre-trained weights,
-    obs_noise 0.1, 50 samples of sin(x) + 0.3x, 20 test inputs; NUTS with 2 chains side by side (JIT, dense mass
-    matrix, 300 warm-up + 1000 draws each; measured max R-hat 1.0041); SVI-normal and SVI-lowrank, 2000 steps.
-    Returns a dict: model, X, Y, Xt, samples, rhat, nuts_mean, nuts_std (incl. noise), svi = {name: (mean, std)}.
+    obs_noise 0.1, 50 samples of sin(x) + 0.3x, 20 test inputs; NUTS 2 chains (JIT, dense mass matrix, 300 warm-up +
+    1000 draws each; measured max R-hat 1.0037); SVI-normal and SVI-lowrank, 2000 steps. A dict: model, X, Y, Xt,
+    samples, rhat, nuts_mean, nuts_std (incl. noise), svi = {name: (mean, std)}.
     """
-    import ppl_kbnn as pk
-    from ppl_kbnn.toy import pretrained_mlp, regression_stream
+    import _references
 
     with _Float64():
-        model = pk.BayesianModel(pretrained_mlp(16), prior_scale=0.1, obs_noise=0.1)
-        X, Y = regression_stream(50)
-        Xt = torch.linspace(-2.8, 2.8, 20)[:, None]
-        ref = pk.inference.nuts(model, X, Y, num_samples=1000, warmup_steps=300, num_chains=2, seed=0,
-                                full_mass=True, processes=2)  # fmt: skip
-        mean, std = ref.predict(Xt)  # (20, 1) each; std includes the observation noise
-        svi = {}
-        for kind in ("normal", "lowrank"):
-            res = pk.inference.svi(model, X, Y, guide=kind, num_steps=2000, lr=0.01, seed=0, num_predict=2000)
-            m, s = res.predict(Xt)
-            svi[kind] = (m[:, 0], s[:, 0])
-        return {"model": model, "X": X, "Y": Y, "Xt": Xt, "samples": ref.samples, "rhat": ref.diagnostics["max_rhat"],
-                "nuts_mean": mean[:, 0], "nuts_std": std[:, 0], "svi": svi}  # fmt: skip
+        model, X, Y, Xt = _references.mlp_problem()
+    ref = _background["mlp_reference"].result()
+    return {"model": model, "X": X, "Y": Y, "Xt": Xt, "rhat": ref["diagnostics"]["max_rhat"], **ref}
 
 
 @pytest.fixture(scope="session")
@@ -75,20 +92,14 @@ def transformer_reference():
     """The tiny transformer problem against NUTS (d_model 8, 1 layer, 1 head, 6 tokens, 40 samples, 873 weights,
     prior_scale 0.05, obs_noise 0.1, 20 held-out inputs), with SVI-normal (3000 steps) on the same model and data.
 
-    NUTS: 2 chains × (500 warm-up + 1500 draws), JIT, diagonal mass matrix, side by side in two processes.
-    Returns a dict: model, x, y, xt, ref (the NUTS result), nuts_mean, nuts_std, svi_normal = (mean, std).
+    NUTS: 2 chains × (500 warm-up + 1500 draws), JIT, diagonal mass matrix. A dict: model, x, y, xt, diagnostics
+    (of NUTS), nuts_mean, nuts_std, svi_normal = (mean, std).
     """
-    import ppl_kbnn as pk
-    from ppl_kbnn.toy import teacher_student_transformer
+    import _references
 
     with _Float64():
-        student, _, x, y, xt, _ = teacher_student_transformer()
-        model = pk.BayesianModel(student, prior_scale=0.05, obs_noise=0.1)
-        ref = pk.inference.nuts(model, x, y, num_samples=1500, warmup_steps=500, num_chains=2, seed=0, processes=2)
-        mean, std = ref.predict(xt)
-        svi = pk.inference.svi(model, x, y, guide="normal", num_steps=3000, lr=0.01, seed=0, num_predict=500)
-        return {"model": model, "x": x, "y": y, "xt": xt, "ref": ref, "nuts_mean": mean, "nuts_std": std,
-                "svi_normal": svi.predict(xt)}  # fmt: skip
+        model, x, y, xt = _references.transformer_problem()
+    return {"model": model, "x": x, "y": y, "xt": xt, **_background["transformer_reference"].result()}
 
 
 @pytest.fixture(scope="session")

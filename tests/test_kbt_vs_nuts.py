@@ -3,8 +3,8 @@
 Problem and reference: the session fixture ``transformer_reference`` (tests/conftest.py):
 :func:`ppl_kbnn.toy.teacher_student_transformer` (student = prior centre, teacher = student with every parameter
 shifted by 0.05·N(0, 1)), every Linear Bayesian (873 weights), prior_scale 0.05, obs_noise 0.1; 20 held-out
-inputs. NUTS: 2 chains × (500 warm-up + 1500 draws), JIT, diagonal mass matrix, the two chains side by side in two
-processes (about 8 minutes per chain on one core); SVI-normal 3000 steps.
+inputs. NUTS: 2 chains × (500 warm-up + 1500 draws), JIT, diagonal mass matrix (about 8 minutes per chain on one
+core, computed in the background while the rest of the suite runs); SVI-normal 3000 steps.
 
 The maximum split R-hat over 873 weights falls slowly with the number of draws: measured (seed 0)
 1.026 with 400 draws per chain, 1.0055 with 1500 (min bulk ESS 2802). A dense mass matrix, which
@@ -28,9 +28,9 @@ def _measures(mean, std, ref):
 
 @pytest.mark.slow
 def test_nuts_reference_converged(transformer_reference):
-    ref = transformer_reference["ref"]
-    assert ref.diagnostics["max_rhat"] <= 1.01
-    assert ref.diagnostics["min_ess_bulk"] >= 100
+    diagnostics = transformer_reference["diagnostics"]
+    assert diagnostics["max_rhat"] <= 1.01
+    assert diagnostics["min_ess_bulk"] >= 100
 
 
 @pytest.mark.slow

@@ -71,6 +71,8 @@ def attention_mask(
     """
     S = T if S is None else S
     for name, n in (("T", T), ("S", S)):
+        if torch.jit.is_tracing():  # under torch.jit.trace (NUTS with jit_compile) sizes are 0-dim tensors
+            break
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"{name}: expected a non-negative int, got {n!r}")
     mask = torch.ones(T, S, dtype=torch.bool, device=device)

@@ -202,7 +202,7 @@ class Transformer(nn.Module):
         if x.ndim != 3 or x.shape[-1] != c.d_in:
             raise ValueError(f"x: expected shape (B, T, d_in={c.d_in}), got {tuple(x.shape)}")
         B, T, _ = x.shape
-        if not 1 <= T <= c.max_len:
+        if not torch.jit.is_tracing() and not 1 <= T <= c.max_len:  # (traced sizes are tensors: checked eagerly)
             raise ValueError(f"sequence length T={T} must be between 1 and max_len={c.max_len}")
         mask = valid_pairs(T, device=x.device)  # (T, T) causal: query t sees keys s <= t
         pos = torch.arange(T, device=x.device)  # (T,)
