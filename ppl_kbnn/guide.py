@@ -21,6 +21,7 @@ import copy
 import hashlib
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from ._args import real_arg
 from ._threads import warn_if_oversubscribed
 from .beliefs import BELIEFS, Belief, Layout, LinearSlot
 from .engines import ENGINES, READOUTS, SLR, KBNNChain, KBNNTransformer, NetworkFunction, antithetic_draws
+from .hyper import OUTLIERS, NoiseBelief, OutlierWarning, default_threshold
 from .kalman import Guards
 from .model import BayesianModel
 from .moments._checks import check_tensor
@@ -165,6 +167,17 @@ class KalmanGuide(PyroModule):
             sample's update (random-walk drift, ``θ_t = θ_{t-1} + N(0, qI)``); default 0 (static).
         var_floor, jitter, gain_clip, psd_repair: numerical guards (see :mod:`ppl_kbnn.kalman.guards`);
             each firing is counted in :attr:`guard_counts`.
+        obs_noise: ``None`` (default: the model's ``obs_noise``, fixed) or ``"auto"``: each output's noise variance
+            learnt online with an inverse-Gamma belief centred on the model's ``obs_noise`` (variational Bayes,
+            :mod:`ppl_kbnn.hyper`); :attr:`obs_noise` reports the current estimate, :meth:`obs_noise_belief` its
+            uncertainty. The model keeps its number (NUTS/SVI need one).
+        outliers: what an update does with a sample whose innovation's squared Mahalanobis distance ``d²`` exceeds
+            ``outlier_threshold`` (:mod:`ppl_kbnn.hyper`): ``"warn"`` (default; update, count in
+            ``guard_counts["outlier"]``, one :class:`~ppl_kbnn.hyper.OutlierWarning` per :meth:`update` call),
+            ``"gate"`` (skip the sample, counted) or ``"wolf"`` (every sample absorbed with the noise inflated by
+            ``1 + d²/outlier_threshold``: WoLF's inverse-multiquadric weight; flagged samples counted).
+        outlier_threshold: the ``d²`` threshold; default ``None``: the ``χ²_m`` quantile at ``1 - 10⁻⁶`` for ``m``
+            observed outputs (:func:`~ppl_kbnn.hyper.default_threshold`; 23.93 for ``m = 1``).
 
     The belief is :attr:`belief` (a :class:`~ppl_kbnn.beliefs.Belief`); :meth:`layer` / :meth:`set_layer` read
     and set one linear map's rows. Fixed (non-Bayesian) entries have zero variance and never move.
@@ -191,6 +204,9 @@ class KalmanGuide(PyroModule):
         jitter: float = 0.0,
         gain_clip: float | None = None,
         psd_repair: bool = False,
+        obs_noise: str | None = None,
+        outliers: str = "warn",
+        outlier_threshold: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, BayesianModel):
@@ -229,7 +245,17 @@ class KalmanGuide(PyroModule):
                              "'diag', 'block', 'full'")  # fmt: skip
         self.covariance, self.update_rule, self.hidden = covariance, update, hidden
         self._kind = "diag" if hidden == "diag" else "token"
-        self.obs_noise = model.obs_noise
+        if obs_noise is not None and obs_noise != "auto":
+            raise ValueError(f"obs_noise must be None (the model's, fixed) or 'auto', got {obs_noise!r}")
+        if not isinstance(outliers, str) or outliers not in OUTLIERS:
+            raise ValueError(f"outliers must be one of {OUTLIERS}, got {outliers!r}")
+        if outlier_threshold is not None:
+            outlier_threshold = real_arg("outlier_threshold", outlier_threshold, strict=True)
+        self.outliers, self.outlier_threshold = outliers, outlier_threshold
+        self._outliers_in_call = 0
+        self._last_d2, self._last_logpdf = math.nan, math.nan
+        self._obs_noise0 = float(model.obs_noise)
+        self.obs_noise_mode = "auto" if obs_noise == "auto" else "fixed"
         self.observe = model.observe
         self.__dict__["_net"] = model.net  # structure and fixed weights (transformers); not a submodule
         self.process_noise = float(process_noise)
@@ -245,6 +271,10 @@ class KalmanGuide(PyroModule):
         low = {"rank": rank, "truncation": truncation or "drop"} if covariance == "lowrank" else {}
         self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
         self.dtype = loc.dtype
+        if obs_noise == "auto":
+            self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype)
+        else:
+            self.noise = None
         opts = {} if update != "slr" else {"draws": draws, "seed": seed}
         if update != "slr" and draws is not None:
             raise ValueError("draws applies to update='slr' (use predict(method='sampled', draws=...) otherwise)")
@@ -256,6 +286,28 @@ class KalmanGuide(PyroModule):
         self.__dict__["_model"] = model
 
     # ------------------------------------------------------------------ structure
+
+    @property
+    def obs_noise(self) -> float | torch.Tensor:
+        """Observation-noise std: the model's (a float), or with ``obs_noise="auto"`` the current estimate
+        ``sqrt(β/α)`` per output ``(d_out,)``."""
+        return self._obs_noise0 if self.noise is None else self.noise.var.sqrt()
+
+    def obs_noise_belief(self) -> dist.Distribution:
+        """The belief over each output's noise *variance* (``obs_noise="auto"``): ``InverseGamma(α, β)``, batch
+        ``(d_out,)``; its ``.mean`` / ``.variance`` give the estimate's uncertainty."""
+        if self.noise is None:
+            raise ValueError("obs_noise_belief needs obs_noise='auto' (this guide's noise is fixed)")
+        return self.noise.distribution()
+
+    def _d_out(self) -> int:
+        if not self.transformer:
+            return self._linears[-1].d_out
+        c = self._net.config
+        return c.d_out if hasattr(c, "d_out") else c.act_dim
+
+    def _outlier_threshold(self, m: int) -> float:
+        return default_threshold(m) if self.outlier_threshold is None else self.outlier_threshold
 
     @property
     def _linears(self) -> list[_Linear]:
@@ -461,7 +513,9 @@ class KalmanGuide(PyroModule):
             n = x.shape[0]
         warn_if_oversubscribed()
         snapshot = self.belief.snapshot()
+        noise = None if self.noise is None else (self.noise.alpha.clone(), self.noise.beta.clone())
         counts = self.guards.counts.copy()
+        self._outliers_in_call = 0
         t0 = time.perf_counter()
         try:
             for i in range(n):  # samples are sequential by nature
@@ -474,6 +528,9 @@ class KalmanGuide(PyroModule):
                     self.engine.step(x[i], y[i])
         except BaseException:
             self.belief.restore(snapshot)
+            if noise is not None:
+                self.noise.alpha.copy_(noise[0])
+                self.noise.beta.copy_(noise[1])
             self.guards.counts.clear()
             self.guards.counts.update(counts)
             raise
@@ -481,6 +538,13 @@ class KalmanGuide(PyroModule):
             self._in_batch = 0
         self.n_updates += n
         self.update_seconds += time.perf_counter() - t0
+        if self._outliers_in_call and self.outliers == "warn":
+            thr = "the chi-square 1-1e-6 quantile" if self.outlier_threshold is None else self.outlier_threshold
+            warnings.warn(
+                f"{self._outliers_in_call} of {n} sample(s) had an innovation beyond the outlier threshold (squared "
+                f"Mahalanobis distance > {thr}); they were absorbed as usual (counted in guard_counts['outlier']). "
+                "Use outliers='gate' or 'wolf' for robust updates, or obs_noise='auto' if the noise is larger than "
+                "assumed.", OutlierWarning, stacklevel=2)  # fmt: skip
         return self
 
     def linearise(self, x) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -576,7 +640,7 @@ class KalmanGuide(PyroModule):
             **self.belief.signature(),
             "update": self.update_rule,
             "hidden": self.hidden,
-            "obs_noise": self.obs_noise,
+            "obs_noise": self._obs_noise0,
             "nodes": [
                 (n.module, "linear", n.d_in, n.d_out, n.bias, n.weight_site, n.bias_site)
                 if isinstance(n, _Linear)
@@ -587,7 +651,9 @@ class KalmanGuide(PyroModule):
 
     def _settings(self) -> dict:
         """Settings outside the structure signature that change what an update does; a checkpoint must share them."""
-        out = {"process_noise": self.process_noise, "guards": self.guards.settings(), "observe": self.observe}
+        out = {"process_noise": self.process_noise, "guards": self.guards.settings(), "observe": self.observe,
+               "obs_noise_mode": self.obs_noise_mode, "outliers": self.outliers,
+               "outlier_threshold": self.outlier_threshold}
         if self.update_rule == "slr":
             out |= {"draws": self.draws, "seed": self.seed}
         return out
@@ -659,7 +725,8 @@ class KalmanGuide(PyroModule):
         and shape; the structure signature (covariance, update rule, hidden mode, observation noise, the
         network's nodes), every update setting (process noise, guards, ``observe``; draws and seed of
         ``"slr"``); the fingerprint of the network's fixed weights (:meth:`fixed_weights_fingerprint`); the
-        counters; and the belief itself: finite, symmetric, positive semi-definite, fixed entries equal to
+        counters; the noise belief (``obs_noise="auto"``: finite, positive); and the belief itself: finite,
+        symmetric, positive semi-definite, fixed entries equal to
         this network's (:meth:`~ppl_kbnn.beliefs.Belief.check_state`). The first difference raises a
         ``ValueError`` that names it, and the guide is left bit-identical. ``strict=False`` and ``assign=True``
         (partial or aliasing loads) are refused.
@@ -696,6 +763,8 @@ class KalmanGuide(PyroModule):
                 "non-Bayesian weights are not the ones the belief was computed with)"
             )
         self.belief.check_state({k[7:]: v for k, v in state_dict.items() if k.startswith("belief.")}, "belief.")
+        if self.noise is not None:
+            self.noise.check_state({k[6:]: v for k, v in state_dict.items() if k.startswith("noise.")}, "noise.")
         backup = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in current.items()}
         try:
             return super().load_state_dict(state_dict, strict=True)
