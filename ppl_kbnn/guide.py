@@ -168,9 +168,10 @@ class KalmanGuide(PyroModule):
         var_floor, jitter, gain_clip, psd_repair: numerical guards (see :mod:`ppl_kbnn.kalman.guards`);
             each firing is counted in :attr:`guard_counts`.
         obs_noise: ``None`` (default: the model's ``obs_noise``, fixed) or ``"auto"``: each output's noise variance
-            learnt online with an inverse-Gamma belief centred on the model's ``obs_noise`` (variational Bayes,
-            :mod:`ppl_kbnn.hyper`); :attr:`obs_noise` reports the current estimate, :meth:`obs_noise_belief` its
-            uncertainty. The model keeps its number (NUTS/SVI need one).
+            learnt online with an inverse-Gamma belief whose prior is centred on the model's ``obs_noise``, the
+            weight belief held conditional on it (the conjugate normal-inverse-Gamma update, :mod:`ppl_kbnn.hyper`);
+            :attr:`obs_noise` reports the current estimate, :meth:`obs_noise_belief` its uncertainty. The model keeps
+            its number (NUTS and SVI need one).
         outliers: what an update does with a sample whose innovation's squared Mahalanobis distance ``d²`` exceeds
             ``outlier_threshold`` (:mod:`ppl_kbnn.hyper`): ``"warn"`` (default; update, count in
             ``guard_counts["outlier"]``, one :class:`~ppl_kbnn.hyper.OutlierWarning` per :meth:`update` call),
@@ -253,7 +254,7 @@ class KalmanGuide(PyroModule):
             outlier_threshold = real_arg("outlier_threshold", outlier_threshold, strict=True)
         self.outliers, self.outlier_threshold = outliers, outlier_threshold
         self._outliers_in_call = 0
-        self._last_d2, self._last_logpdf = math.nan, math.nan
+        self._last_d2, self._last_logpdf, self._cov_factor = math.nan, math.nan, 1.0
         self._obs_noise0 = float(model.obs_noise)
         self.obs_noise_mode = "auto" if obs_noise == "auto" else "fixed"
         self.observe = model.observe
@@ -522,10 +523,13 @@ class KalmanGuide(PyroModule):
                 self._in_batch = i
                 if self.process_noise > 0:
                     self.belief.add_process_noise(self.process_noise)
+                self._cov_factor = 1.0
                 if self.transformer:
                     self.engine.step(_take(x, i), y[i])
                 else:
                     self.engine.step(x[i], y[i])
+                if self._cov_factor != 1.0:  # obs_noise="auto": the weight belief is conditional on the noise
+                    self.belief.scale_cov(self._cov_factor)
         except BaseException:
             self.belief.restore(snapshot)
             if noise is not None:

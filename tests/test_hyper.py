@@ -104,3 +104,124 @@ def test_outlier_options_are_checked_and_checkpointed():
         mlp_guide("block", "kbnn").load_state_dict(sd)
     with pytest.raises(ValueError, match="differs in outlier_threshold"):
         mlp_guide("block", "kbnn", outliers="gate", outlier_threshold=9.0).load_state_dict(sd)
+
+
+# --------------------------------------------------------------------------------------------- observation noise
+
+
+def linear_stream(n: int, sigma: float, seed: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, generator=gen)
+    Y = X @ torch.tensor([[1.0, -0.5, 0.2]]).T + 0.4 + sigma * torch.randn(n, 1, generator=gen)
+    return X, Y
+
+
+def linear_guide(covariance: str = "block", update: str = "kbnn", guess: float = 0.1, **kw) -> pk.KalmanGuide:
+    torch.manual_seed(0)
+    return pk.KalmanGuide(pk.BayesianModel(torch.nn.Linear(3, 1), 1.0, guess), covariance, update=update,
+                          obs_noise="auto", **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize(("covariance", "update"), [("block", "kbnn"), ("diag", "kbnn"), ("full", "ekf"),
+                                                    ("lowrank", "ekf")])  # fmt: skip
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 1.0])
+def test_noise_estimate_within_ten_percent_after_500_samples(covariance, update, sigma):
+    """Known noise ``sigma``, prior guess 0.1 (2x to 10x off): the estimate after 500 samples is within 10%.
+
+    The low-rank belief with LoFi's ``truncation="diag"``; with ``"drop"`` (rank 2 of 4) the discarded precision makes
+    the weights look uncertain enough to explain most residuals: estimate 0.061 for sigma 0.3 (docs/hyper.md)."""
+    X, Y = linear_stream(500, sigma)
+    guide = linear_guide(covariance, update, **({"rank": 2, "truncation": "diag"} if covariance == "lowrank" else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)  # the first samples are far off the 0.1 guess
+        guide.update(X, Y)
+    est = float(guide.obs_noise)
+    assert abs(est / sigma - 1) < 0.1, est
+    ig = guide.obs_noise_belief()
+    assert float(ig.mean.sqrt()) == pytest.approx(est, rel=0.01) and float(ig.variance) > 0
+
+
+@pytest.mark.parametrize(("covariance", "update"), [("block", "kbnn"), ("full", "ekf")])
+def test_linear_network_with_unknown_noise_is_the_exact_normal_inverse_gamma_posterior(covariance, update):
+    """One output: the guide's noise belief is the conjugate NIG posterior's ``IG(a_n, b_n)``, its weight mean the exact
+    posterior mean and its covariance ``(b_n / a_n) V_n`` (the scale matrix of the exact Student-t marginal)."""
+    X, Y = linear_stream(40, 0.3)
+    guide = linear_guide(covariance, update, guess=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        guide.update(X, Y)
+    Phi = torch.cat([X, torch.ones(40, 1)], 1)  # [x, 1]: the flat layout is (W, b)
+    s0, a0, b0 = 0.2, 1.0, 0.2**2
+    V0_inv = torch.eye(4) * s0**2 / 1.0  # V0 = P0 / s0² with P0 = I (prior scale 1)
+    mu0 = guide._model.priors["net.weight"][0].reshape(-1).tolist() + guide._model.priors["net.bias"][0].tolist()
+    mu0 = torch.tensor(mu0)
+    Vn = torch.linalg.inv(V0_inv + Phi.T @ Phi)
+    mun = Vn @ (V0_inv @ mu0 + Phi.T @ Y[:, 0])
+    an = a0 + 40 / 2
+    bn = b0 + 0.5 * (Y[:, 0] @ Y[:, 0] + mu0 @ V0_inv @ mu0 - mun @ torch.linalg.solve(Vn, mun))
+    assert torch.allclose(guide.noise.alpha, torch.tensor([an]))
+    assert torch.allclose(guide.noise.beta, torch.tensor([float(bn)]), rtol=1e-8)
+    assert torch.allclose(guide.belief.mean, mun, atol=1e-9)
+    assert torch.allclose(guide.belief.dense_cov(), (bn / an) * Vn, atol=1e-10)
+
+
+@pytest.mark.parametrize(("covariance", "update"), [("block", "kbnn"), ("diag", "kbnn"), ("full", "ekf"),
+                                                    ("diag", "ekf")])  # fmt: skip
+def test_alternating_labels_at_one_input_are_covered_with_auto_noise(covariance, update):
+    """Labels +100, -100, +100, ... at one input: with the fixed noise 0.1 the 90% interval covers none of them
+    (confidently wrong); with ``obs_noise="auto"`` at least 80%."""
+    x = torch.tensor([[0.5]])
+    coverage = {}
+    for noise in (None, "auto"):
+        guide = mlp_guide(covariance, update, obs_noise=noise)
+        hits = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OutlierWarning)
+            for t in range(100):
+                y = torch.tensor([[100.0 if t % 2 == 0 else -100.0]])
+                m, v = guide.predict(x)
+                hits.append(bool((y - m).abs() <= 1.6449 * v.sqrt()))
+                guide.update(x, y)
+        coverage[noise] = sum(hits) / len(hits)
+    assert coverage["auto"] >= 0.8 and coverage[None] < 0.1, coverage
+
+
+def test_noise_belief_is_checkpointed_validated_and_restored_on_failure():
+    X, Y = linear_stream(30, 0.3)
+    guide = linear_guide()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        guide.update(X, Y)
+    sd = guide.state_dict()
+    assert {"noise.alpha", "noise.beta"} <= set(sd)
+    fresh = linear_guide()
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.obs_noise, guide.obs_noise) and torch.equal(fresh.belief.mean, guide.belief.mean)
+    with pytest.raises(ValueError, match="noise.beta"):
+        bad = dict(sd)
+        bad["noise.beta"] = -bad["noise.beta"]
+        linear_guide().load_state_dict(bad)
+    fixed = pk.KalmanGuide(pk.BayesianModel(torch.nn.Linear(3, 1), 1.0, 0.1))
+    with pytest.raises(ValueError, match="obs_noise_mode"):
+        fixed.load_state_dict(sd)
+    with pytest.raises(ValueError, match="obs_noise must be None"):
+        linear_guide().__class__(fixed._model, obs_noise="learn")
+    with pytest.raises(ValueError, match="obs_noise_belief needs"):
+        fixed.obs_noise_belief()
+    before = (guide.noise.alpha.clone(), guide.noise.beta.clone(), guide.belief.mean.clone())
+    with pytest.raises(ValueError):
+        guide.update(X[:2], torch.tensor([[1.0], [float("nan")]]))
+    with pytest.raises(RuntimeError):  # fails mid-batch, after the first sample moved the noise belief
+        orig = guide.engine.step
+        calls = []
+
+        def failing(x, y):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("boom")
+            orig(x, y)
+
+        guide.engine.step = failing
+        guide.update(X[:3], Y[:3])
+    after = (guide.noise.alpha, guide.noise.beta, guide.belief.mean)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
