@@ -36,7 +36,7 @@ from ._args import real_arg
 from ._threads import warn_if_oversubscribed
 from .beliefs import BELIEFS, Belief, Layout, LinearSlot
 from .engines import ENGINES, READOUTS, SLR, KBNNChain, KBNNTransformer, NetworkFunction, antithetic_draws
-from .hyper import OUTLIERS, NoiseBelief, OutlierWarning, default_threshold
+from .hyper import OUTLIERS, PRIOR_DISCOUNT, PRIOR_GRID, NoiseBelief, OutlierWarning, default_threshold
 from .kalman import Guards
 from .model import BayesianModel
 from .moments._checks import check_tensor
@@ -177,6 +177,16 @@ class KalmanGuide(PyroModule):
             ``guard_counts["outlier"]``, one :class:`~ppl_kbnn.hyper.OutlierWarning` per :meth:`update` call),
             ``"gate"`` (skip the sample, counted) or ``"wolf"`` (every sample absorbed with the noise inflated by
             ``1 + d²/outlier_threshold``: WoLF's inverse-multiquadric weight; flagged samples counted).
+        prior_scale: ``None`` (default: the model's priors) or ``"auto"``: the prior scale chosen from the data. One
+            belief per scale ``s`` in :data:`~ppl_kbnn.hyper.PRIOR_GRID` (every Bayesian weight ``N(μ₀, s²)``, ``μ₀``
+            the model's prior means), each updated with every sample and scoring its one-step log predictive
+            density, discounted by :data:`~ppl_kbnn.hyper.PRIOR_DISCOUNT` per sample (0.99: a recency-weighted
+            log evidence, :attr:`prior_log_evidence`); :attr:`belief` is the best-scoring one and :attr:`prior_scale`
+            its scale. Cost: ``len(PRIOR_GRID)`` (5) updates per sample and 5 beliefs in memory until frozen.
+            Not combinable with ``obs_noise="auto"`` (yet).
+        prior_warmup: ``None`` (default: never freeze, the choice keeps following the score) or the number of
+            samples after which the best scale is frozen and the other beliefs stop being updated (their memory
+            stays allocated).
         outlier_threshold: the ``d²`` threshold; default ``None``: the ``χ²_m`` quantile at ``1 - 10⁻⁶`` for ``m``
             observed outputs (:func:`~ppl_kbnn.hyper.default_threshold`; 23.93 for ``m = 1``).
 
@@ -208,6 +218,8 @@ class KalmanGuide(PyroModule):
         obs_noise: str | None = None,
         outliers: str = "warn",
         outlier_threshold: float | None = None,
+        prior_scale: str | None = None,
+        prior_warmup: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, BayesianModel):
@@ -256,6 +268,15 @@ class KalmanGuide(PyroModule):
         self._outliers_in_call = 0
         self._last_d2, self._last_logpdf, self._cov_factor = math.nan, math.nan, 1.0
         self._obs_noise0 = float(model.obs_noise)
+        if prior_scale is not None and prior_scale != "auto":
+            raise ValueError(f"prior_scale must be None (the model's priors) or 'auto', got {prior_scale!r}")
+        if prior_scale == "auto" and obs_noise == "auto":
+            raise ValueError("prior_scale='auto' with obs_noise='auto' is not supported yet (each candidate scale "
+                             "would need its own noise belief); choose one")  # fmt: skip
+        if prior_warmup is not None and (isinstance(prior_warmup, bool) or not isinstance(prior_warmup, int)
+                                         or prior_warmup < 1):  # fmt: skip
+            raise ValueError(f"prior_warmup must be None or an int >= 1, got {prior_warmup!r}")
+        self.prior_scale_mode, self.prior_warmup = ("auto" if prior_scale == "auto" else "model"), prior_warmup
         self.obs_noise_mode = "auto" if obs_noise == "auto" else "fixed"
         self.observe = model.observe
         self.__dict__["_net"] = model.net  # structure and fixed weights (transformers); not a submodule
@@ -270,7 +291,16 @@ class KalmanGuide(PyroModule):
         var = torch.cat([(scale * scale).reshape(-1) for _, scale in model.priors.values()])  # (D,)
         fixed = [self._fixed_rows(model, node) for node in self._linears]
         low = {"rank": rank, "truncation": truncation or "drop"} if covariance == "lowrank" else {}
-        self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
+        if prior_scale == "auto":  # one belief per candidate scale (PRIOR_GRID); self.belief is the current best
+            self.candidates = nn.ModuleList(
+                [belief_cls(layout, loc, torch.full_like(var, s * s), self.guards, fixed=fixed, **low)
+                 for s in PRIOR_GRID])  # fmt: skip
+            self.register_buffer("prior_log_evidence", torch.zeros(len(PRIOR_GRID), dtype=loc.dtype))
+            self.prior_choice: int | None = None  # index into PRIOR_GRID once frozen
+            self.__dict__["belief"] = self.candidates[0]
+        else:
+            self.candidates = None
+            self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
         self.dtype = loc.dtype
         if obs_noise == "auto":
             self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype)
@@ -513,7 +543,9 @@ class KalmanGuide(PyroModule):
             y = self._check_y(y, x.shape[0])
             n = x.shape[0]
         warn_if_oversubscribed()
-        snapshot = self.belief.snapshot()
+        current = self.belief
+        snapshot = [b.snapshot() for b in (self.candidates or [self.belief])]
+        evidence = None if self.candidates is None else (self.prior_log_evidence.clone(), self.prior_choice)
         noise = None if self.noise is None else (self.noise.alpha.clone(), self.noise.beta.clone())
         counts = self.guards.counts.copy()
         self._outliers_in_call = 0
@@ -521,17 +553,24 @@ class KalmanGuide(PyroModule):
         try:
             for i in range(n):  # samples are sequential by nature
                 self._in_batch = i
-                if self.process_noise > 0:
-                    self.belief.add_process_noise(self.process_noise)
-                self._cov_factor = 1.0
-                if self.transformer:
-                    self.engine.step(_take(x, i), y[i])
-                else:
-                    self.engine.step(x[i], y[i])
-                if self._cov_factor != 1.0:  # obs_noise="auto": the weight belief is conditional on the noise
-                    self.belief.scale_cov(self._cov_factor)
+                searching = self.candidates is not None and self.prior_choice is None
+                for k, belief in enumerate(self.candidates if searching else [self.belief]):
+                    self.__dict__["belief"] = belief  # each candidate in turn (a plain attribute: no re-registration)
+                    self._step(x, y, i)
+                    if searching:
+                        self.prior_log_evidence[k] = PRIOR_DISCOUNT * self.prior_log_evidence[k] + self._last_logpdf
+                if searching:  # the best so far; frozen after the warm-up
+                    best = int(torch.argmax(self.prior_log_evidence))
+                    self.__dict__["belief"] = self.candidates[best]
+                    if self.prior_warmup is not None and self.n_updates + i + 1 >= self.prior_warmup:
+                        self.prior_choice = best
         except BaseException:
-            self.belief.restore(snapshot)
+            self.__dict__["belief"] = current
+            for b, snap in zip(self.candidates or [self.belief], snapshot, strict=True):
+                b.restore(snap)
+            if evidence is not None:
+                self.prior_log_evidence.copy_(evidence[0])
+                self.prior_choice = evidence[1]
             if noise is not None:
                 self.noise.alpha.copy_(noise[0])
                 self.noise.beta.copy_(noise[1])
@@ -550,6 +589,26 @@ class KalmanGuide(PyroModule):
                 "Use outliers='gate' or 'wolf' for robust updates, or obs_noise='auto' if the noise is larger than "
                 "assumed.", OutlierWarning, stacklevel=2)  # fmt: skip
         return self
+
+    def _step(self, x, y, i: int) -> None:
+        """Absorb sample ``i`` into :attr:`belief` (process noise, the engine's step, the noise rescaling)."""
+        if self.process_noise > 0:
+            self.belief.add_process_noise(self.process_noise)
+        self._cov_factor, self._last_logpdf = 1.0, math.nan
+        if self.transformer:
+            self.engine.step(_take(x, i), y[i])
+        else:
+            self.engine.step(x[i], y[i])
+        if self._cov_factor != 1.0:  # obs_noise="auto": the weight belief is conditional on the noise
+            self.belief.scale_cov(self._cov_factor)
+
+    @property
+    def prior_scale(self) -> float | None:
+        """With ``prior_scale="auto"``: the chosen scale once frozen, else the best so far; ``None`` otherwise."""
+        if self.candidates is None:
+            return None
+        k = self.prior_choice if self.prior_choice is not None else int(torch.argmax(self.prior_log_evidence))
+        return PRIOR_GRID[k]
 
     def linearise(self, x) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Forward moments and statistical Jacobians of one transformer input (batch of 1).
@@ -655,9 +714,17 @@ class KalmanGuide(PyroModule):
 
     def _settings(self) -> dict:
         """Settings outside the structure signature that change what an update does; a checkpoint must share them."""
-        out = {"process_noise": self.process_noise, "guards": self.guards.settings(), "observe": self.observe,
-               "obs_noise_mode": self.obs_noise_mode, "outliers": self.outliers,
-               "outlier_threshold": self.outlier_threshold}
+        out = {
+            "process_noise": self.process_noise,
+            "guards": self.guards.settings(),
+            "observe": self.observe,
+            "obs_noise_mode": self.obs_noise_mode,
+            "outliers": self.outliers,
+            "outlier_threshold": self.outlier_threshold,
+            "prior_scale_mode": self.prior_scale_mode,
+        }
+        if self.candidates is not None:
+            out |= {"prior_grid": list(PRIOR_GRID), "prior_warmup": self.prior_warmup}
         if self.update_rule == "slr":
             out |= {"draws": self.draws, "seed": self.seed}
         return out
@@ -683,12 +750,17 @@ class KalmanGuide(PyroModule):
             "guard_counts": dict(self.guards.counts),
             "n_updates": self.n_updates,
             "update_seconds": self.update_seconds,
+            **({} if self.candidates is None else {"prior_choice": self.prior_choice}),
         }
 
     def set_extra_state(self, state: dict) -> None:
         """Restore the counters of :meth:`get_extra_state` (validated by :meth:`load_state_dict` before)."""
         self.n_updates = int(state.get("n_updates", 0))
         self.update_seconds = float(state.get("update_seconds", 0.0))
+        if self.candidates is not None:
+            self.prior_choice = state.get("prior_choice")
+            k = self.prior_choice if self.prior_choice is not None else int(torch.argmax(self.prior_log_evidence))
+            self.__dict__["belief"] = self.candidates[k]
         self.guards.counts.clear()
         self.guards.counts.update(state.get("guard_counts", {}))
 
@@ -715,6 +787,11 @@ class KalmanGuide(PyroModule):
         sec = extra.get("update_seconds")
         if isinstance(sec, bool) or not isinstance(sec, int | float) or not (math.isfinite(sec) and sec >= 0):
             raise ValueError(f"corrupt checkpoint: '_extra_state' update_seconds must be a number >= 0, got {sec!r}")
+        if self.candidates is not None:
+            k = extra.get("prior_choice", "<missing>")
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(PRIOR_GRID)):
+                raise ValueError(f"corrupt checkpoint: '_extra_state' prior_choice must be None or an index into "
+                                 f"{list(PRIOR_GRID)}, got {k!r}")  # fmt: skip
         counts = extra.get("guard_counts")
         if not isinstance(counts, Mapping) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in counts.items()
@@ -766,7 +843,11 @@ class KalmanGuide(PyroModule):
                 "state dict was saved from a different model/guide (differs in fixed_weights: the network's fixed, "
                 "non-Bayesian weights are not the ones the belief was computed with)"
             )
-        self.belief.check_state({k[7:]: v for k, v in state_dict.items() if k.startswith("belief.")}, "belief.")
+        for name, b in [("belief.", self.belief)] if self.candidates is None else [
+                (f"candidates.{i}.", c) for i, c in enumerate(self.candidates)]:  # fmt: skip
+            b.check_state({k[len(name) :]: v for k, v in state_dict.items() if k.startswith(name)}, name)
+        if self.candidates is not None:
+            check_tensor("prior_log_evidence", state_dict["prior_log_evidence"])
         if self.noise is not None:
             self.noise.check_state({k[6:]: v for k, v in state_dict.items() if k.startswith("noise.")}, "noise.")
         backup = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in current.items()}

@@ -44,9 +44,9 @@ with ``S̃ = J V Jᵀ + 1`` in noise units): on a linear network the belief mean
 ``P = (β/α) V`` the scale matrix of the exact Student-t marginal (tested). Several outputs share one weight
 belief, so the rescaling uses the geometric mean of their factors (an approximation). Cost: one ``m × m``
 solve and one multiply of the covariance per sample. Prior consequence: the weight prior scales with the noise,
-``θ | σ² ~ N(μ₀, (σ²/σ₀²) P₀)`` — the price of the rule's robustness to a wrong guess (measured in
-docs/hyper.md: the variational-Bayes alternative of Särkkä and Nummenmaa 2009, which keeps ``P`` in absolute
-units, ends 2.3x too high from a guess 10x too small and 3x too high from one 20x too large).
+``θ | σ² ~ N(μ₀, (σ²/σ₀²) P₀)`` — the price of the rule's robustness to a wrong guess: the variational-Bayes
+alternative (Särkkä and Nummenmaa 2009), which keeps ``P`` in absolute units, lets a too-small guess make the
+weights overconfident on the first samples, and the estimate never recovers (docs/hyper.md).
 ``guide.obs_noise`` reports ``sqrt(β/α)``; :meth:`NoiseBelief.distribution` the whole inverse-Gamma belief.
 """
 
@@ -59,10 +59,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-__all__ = ["OUTLIERS", "NoiseBelief", "OutlierWarning", "default_threshold", "observation"]
+__all__ = ["OUTLIERS", "PRIOR_GRID", "NoiseBelief", "OutlierWarning", "default_threshold", "observation"]
 
 OUTLIERS = ("warn", "gate", "wolf")
 """``outliers=`` modes (module docstring)."""
+
+PRIOR_GRID = (0.05, 0.1, 0.2, 0.5, 1.0)
+"""Candidate prior scales of ``prior_scale="auto"``."""
+
+PRIOR_DISCOUNT = 0.99
+"""Discount of the candidates' accumulated log predictive densities per sample (memory about 100 samples)."""
 
 FALSE_ALARM = 1e-6
 """Tail probability of the default outlier threshold on well-modelled (Gaussian) data."""

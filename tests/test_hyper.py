@@ -225,3 +225,65 @@ def test_noise_belief_is_checkpointed_validated_and_restored_on_failure():
         guide.update(X[:3], Y[:3])
     after = (guide.noise.alpha, guide.noise.beta, guide.belief.mean)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# --------------------------------------------------------------------------------------------- prior scale
+
+
+def score(guide: pk.KalmanGuide, Xt: torch.Tensor, Yt: torch.Tensor) -> tuple[float, float]:
+    """Held-out RMSE of the predictive mean and mean Gaussian NLL of the predictive."""
+    m, v = guide.predict(Xt)
+    return float(((m - Yt) ** 2).mean().sqrt()), float(
+        (0.5 * torch.log(2 * torch.pi * v) + 0.5 * (Yt - m) ** 2 / v).mean()
+    )
+
+
+@pytest.mark.parametrize(("covariance", "update"), [("block", "kbnn"), ("diag", "kbnn"), ("full", "ekf")])
+def test_auto_prior_scale_is_within_ten_percent_of_the_best_fixed_scale(covariance, update):
+    """From-scratch stream (600 samples of ``sin x + 0.3 x + 0.1 ε``): final held-out RMSE within 10% of the best fixed
+    scale on the grid in hindsight, and NLL within 10% of its magnitude. The fixed scales differ (the test can fail):
+    the worst is at least 1.15x the best."""
+    from ppl_kbnn.hyper import PRIOR_GRID
+
+    X, Y, Xt, _ = sine_stream(600, seed=0)
+    Yt = torch.sin(Xt) + 0.3 * Xt + 0.1 * torch.randn(Xt.shape, generator=torch.Generator().manual_seed(99))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        fixed = {s: score(mlp_guide(covariance, update, s).update(X, Y), Xt, Yt) for s in PRIOR_GRID}
+        auto = mlp_guide(covariance, update, prior_scale="auto").update(X, Y)
+    rmse_a, nll_a = score(auto, Xt, Yt)
+    best_r, best_n = min(r for r, _ in fixed.values()), min(n for _, n in fixed.values())
+    assert max(r for r, _ in fixed.values()) > 1.15 * best_r
+    assert rmse_a <= 1.1 * best_r and nll_a <= best_n + 0.1 * abs(best_n), (auto.prior_scale, rmse_a, nll_a, fixed)
+    assert auto.prior_scale in PRIOR_GRID and auto.belief is auto.candidates[PRIOR_GRID.index(auto.prior_scale)]
+
+
+def test_auto_prior_scale_freezes_and_is_checkpointed():
+    X, Y, _, _ = sine_stream(60)
+    guide = mlp_guide("diag", "kbnn", prior_scale="auto", prior_warmup=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        guide.update(X[:40], Y[:40])
+        k = guide.prior_choice
+        assert k is not None
+        frozen = [c.mean.clone() for c in guide.candidates]
+        guide.update(X[40:], Y[40:])
+    assert guide.prior_choice == k
+    moved = [not torch.equal(a, c.mean) for a, c in zip(frozen, guide.candidates, strict=True)]
+    assert moved == [i == k for i in range(len(moved))]  # only the chosen belief keeps learning
+    sd = guide.state_dict()
+    fresh = mlp_guide("diag", "kbnn", prior_scale="auto", prior_warmup=40)
+    fresh.load_state_dict(sd)
+    assert fresh.prior_choice == k and torch.equal(fresh.predict(X)[0], guide.predict(X)[0])
+    with pytest.raises(ValueError, match="differs in prior_warmup"):
+        mlp_guide("diag", "kbnn", prior_scale="auto").load_state_dict(sd)
+    with pytest.raises(ValueError, match="differs in prior_scale_mode"):
+        mlp_guide("diag", "kbnn").load_state_dict(sd)
+    bad = dict(sd)
+    bad["_extra_state"] = {**sd["_extra_state"], "prior_choice": 7}
+    with pytest.raises(ValueError, match="prior_choice"):
+        fresh.load_state_dict(bad)
+    with pytest.raises(ValueError, match="prior_scale must be None"):
+        mlp_guide("diag", "kbnn", prior_scale=0.3)
+    with pytest.raises(ValueError, match="not supported yet"):
+        mlp_guide("diag", "kbnn", prior_scale="auto", obs_noise="auto")
