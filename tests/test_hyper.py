@@ -287,3 +287,53 @@ def test_auto_prior_scale_freezes_and_is_checkpointed():
         mlp_guide("diag", "kbnn", prior_scale=0.3)
     with pytest.raises(ValueError, match="not supported yet"):
         mlp_guide("diag", "kbnn", prior_scale="auto", obs_noise="auto")
+
+
+def test_transformers_run_auto_noise_and_auto_prior_scale():
+    """A decision transformer (``observe="all"``, two outputs: one noise variance per output, every token an
+    observation of it) and a transformer (``observe="last"``) with ``obs_noise="auto"`` and ``prior_scale="auto"``."""
+    from ppl_kbnn.nn import DecisionTransformer, DTConfig
+    from ppl_kbnn.toy import teacher_student_transformer
+
+    student, _, x, _, _, _ = teacher_student_transformer(n_train=4, n_test=3)
+    torch.manual_seed(0)
+    dt = DecisionTransformer(DTConfig(state_dim=3, act_dim=2, d_model=8, n_layer=1, n_head=2, context=4)).double()
+    dx = {"returns_to_go": torch.randn(3, 4, 1), "states": torch.randn(3, 4, 3), "actions": torch.randn(3, 4, 2),
+          "timesteps": torch.arange(4).repeat(3, 1)}  # fmt: skip
+    for net, xs, observe in ((student, x[:3], "last"), (dt, dx, "all")):
+        model = pk.BayesianModel(net, prior_scale=0.05, obs_noise=0.1, observe=observe)
+        ys = model.output(xs).detach() + 0.5 * torch.randn(model.output(xs).shape)
+        for update in ("kbnn", "ekf"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", OutlierWarning)
+                noisy = pk.KalmanGuide(model, "diag", update=update, obs_noise="auto").update(xs, ys)
+                scaled = pk.KalmanGuide(model, "diag", update=update, prior_scale="auto").update(xs, ys)
+            d_out = ys.shape[-1]
+            assert noisy.obs_noise.shape == (d_out,) and (noisy.obs_noise > 0.1).all()  # residuals ~0.5 > guess
+            n_obs = ys[..., 0].numel()  # observed entries per output
+            assert torch.allclose(noisy.noise.alpha, torch.full((d_out,), 1.0 + n_obs / 2))
+            mean, var = noisy.predict(xs)
+            assert torch.isfinite(var).all() and (var > noisy.obs_noise**2 - 1e-12).all()
+            assert scaled.prior_scale in (0.05, 0.1, 0.2, 0.5, 1.0) and torch.isfinite(scaled.predict(xs)[1]).all()
+
+
+def test_interrupted_update_restores_every_candidate_and_the_scores():
+    X, Y, _, _ = sine_stream(10)
+    guide = mlp_guide("block", "kbnn", prior_scale="auto")
+    guide.update(X[:5], Y[:5])
+    before = {k: v.clone() for k, v in guide.state_dict().items() if isinstance(v, torch.Tensor)}
+    chosen = guide.belief
+    orig, calls = guide.engine.step, []
+
+    def failing(x, y):
+        calls.append(1)
+        if len(calls) == 7:  # second sample, second candidate
+            raise RuntimeError("boom")
+        orig(x, y)
+
+    guide.engine.step = failing
+    with pytest.raises(RuntimeError):
+        guide.update(X[5:], Y[5:])
+    after = guide.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items()) and guide.belief is chosen
+    assert guide.n_updates == 5
