@@ -183,7 +183,7 @@ class KalmanGuide(PyroModule):
             density, discounted by :data:`~ppl_kbnn.hyper.PRIOR_DISCOUNT` per sample (0.99: a recency-weighted
             log evidence, :attr:`prior_log_evidence`); :attr:`belief` is the best-scoring one and :attr:`prior_scale`
             its scale. Cost: ``len(PRIOR_GRID)`` (5) updates per sample and 5 beliefs in memory until frozen.
-            Not combinable with ``obs_noise="auto"`` (yet).
+            With ``obs_noise="auto"`` each candidate has its own noise belief.
         prior_warmup: ``None`` (default: never freeze, the choice keeps following the score) or the number of
             samples after which the best scale is frozen and the other beliefs stop being updated (their memory
             stays allocated).
@@ -270,9 +270,6 @@ class KalmanGuide(PyroModule):
         self._obs_noise0 = float(model.obs_noise)
         if prior_scale is not None and prior_scale != "auto":
             raise ValueError(f"prior_scale must be None (the model's priors) or 'auto', got {prior_scale!r}")
-        if prior_scale == "auto" and obs_noise == "auto":
-            raise ValueError("prior_scale='auto' with obs_noise='auto' is not supported yet (each candidate scale "
-                             "would need its own noise belief); choose one")  # fmt: skip
         if prior_warmup is not None and (isinstance(prior_warmup, bool) or not isinstance(prior_warmup, int)
                                          or prior_warmup < 1):  # fmt: skip
             raise ValueError(f"prior_warmup must be None or an int >= 1, got {prior_warmup!r}")
@@ -302,7 +299,13 @@ class KalmanGuide(PyroModule):
             self.candidates = None
             self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
         self.dtype = loc.dtype
-        if obs_noise == "auto":
+        self.noise_candidates = None
+        if obs_noise == "auto" and self.candidates is not None:  # one noise belief per candidate prior scale
+            self.noise_candidates = nn.ModuleList(
+                [NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype) for _ in PRIOR_GRID]
+            )
+            self.__dict__["noise"] = self.noise_candidates[0]
+        elif obs_noise == "auto":
             self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype)
         else:
             self.noise = None
@@ -543,10 +546,11 @@ class KalmanGuide(PyroModule):
             y = self._check_y(y, x.shape[0])
             n = x.shape[0]
         warn_if_oversubscribed()
-        current = self.belief
+        current = (self.belief, self.noise)
         snapshot = [b.snapshot() for b in (self.candidates or [self.belief])]
         evidence = None if self.candidates is None else (self.prior_log_evidence.clone(), self.prior_choice)
-        noise = None if self.noise is None else (self.noise.alpha.clone(), self.noise.beta.clone())
+        noises = [] if self.noise is None else list(self.noise_candidates or [self.noise])
+        noise = [(nb.alpha.clone(), nb.beta.clone()) for nb in noises]
         counts = self.guards.counts.copy()
         self._outliers_in_call = 0
         t0 = time.perf_counter()
@@ -554,26 +558,27 @@ class KalmanGuide(PyroModule):
             for i in range(n):  # samples are sequential by nature
                 self._in_batch = i
                 searching = self.candidates is not None and self.prior_choice is None
-                for k, belief in enumerate(self.candidates if searching else [self.belief]):
-                    self.__dict__["belief"] = belief  # each candidate in turn (a plain attribute: no re-registration)
+                for k in range(len(PRIOR_GRID)) if searching else [None]:
+                    if searching:
+                        self._select(k)  # each candidate in turn
                     self._step(x, y, i)
                     if searching:
                         self.prior_log_evidence[k] = PRIOR_DISCOUNT * self.prior_log_evidence[k] + self._last_logpdf
                 if searching:  # the best so far; frozen after the warm-up
                     best = int(torch.argmax(self.prior_log_evidence))
-                    self.__dict__["belief"] = self.candidates[best]
+                    self._select(best)
                     if self.prior_warmup is not None and self.n_updates + i + 1 >= self.prior_warmup:
                         self.prior_choice = best
         except BaseException:
-            self.__dict__["belief"] = current
+            self.__dict__["belief"], self.__dict__["noise"] = current
             for b, snap in zip(self.candidates or [self.belief], snapshot, strict=True):
                 b.restore(snap)
             if evidence is not None:
                 self.prior_log_evidence.copy_(evidence[0])
                 self.prior_choice = evidence[1]
-            if noise is not None:
-                self.noise.alpha.copy_(noise[0])
-                self.noise.beta.copy_(noise[1])
+            for nb, (a, b) in zip(noises, noise, strict=True):
+                nb.alpha.copy_(a)
+                nb.beta.copy_(b)
             self.guards.counts.clear()
             self.guards.counts.update(counts)
             raise
@@ -589,6 +594,13 @@ class KalmanGuide(PyroModule):
                 "Use outliers='gate' or 'wolf' for robust updates, or obs_noise='auto' if the noise is larger than "
                 "assumed.", OutlierWarning, stacklevel=2)  # fmt: skip
         return self
+
+    def _select(self, k: int) -> None:
+        """Point :attr:`belief` (and the noise belief) at candidate prior scale ``k`` (plain attributes: the
+        candidates stay registered once, under ``candidates`` / ``noise_candidates``)."""
+        self.__dict__["belief"] = self.candidates[k]
+        if self.noise_candidates is not None:
+            self.__dict__["noise"] = self.noise_candidates[k]
 
     def _step(self, x, y, i: int) -> None:
         """Absorb sample ``i`` into :attr:`belief` (process noise, the engine's step, the noise rescaling)."""
@@ -760,7 +772,7 @@ class KalmanGuide(PyroModule):
         if self.candidates is not None:
             self.prior_choice = state.get("prior_choice")
             k = self.prior_choice if self.prior_choice is not None else int(torch.argmax(self.prior_log_evidence))
-            self.__dict__["belief"] = self.candidates[k]
+            self._select(k)
         self.guards.counts.clear()
         self.guards.counts.update(state.get("guard_counts", {}))
 
@@ -849,7 +861,10 @@ class KalmanGuide(PyroModule):
         if self.candidates is not None:
             check_tensor("prior_log_evidence", state_dict["prior_log_evidence"])
         if self.noise is not None:
-            self.noise.check_state({k[6:]: v for k, v in state_dict.items() if k.startswith("noise.")}, "noise.")
+            named = [("noise.", self.noise)] if self.noise_candidates is None else [
+                (f"noise_candidates.{i}.", nb) for i, nb in enumerate(self.noise_candidates)]  # fmt: skip
+            for name, nb in named:
+                nb.check_state({k[len(name) :]: v for k, v in state_dict.items() if k.startswith(name)}, name)
         backup = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in current.items()}
         try:
             return super().load_state_dict(state_dict, strict=True)

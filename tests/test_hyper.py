@@ -285,8 +285,28 @@ def test_auto_prior_scale_freezes_and_is_checkpointed():
         fresh.load_state_dict(bad)
     with pytest.raises(ValueError, match="prior_scale must be None"):
         mlp_guide("diag", "kbnn", prior_scale=0.3)
-    with pytest.raises(ValueError, match="not supported yet"):
-        mlp_guide("diag", "kbnn", prior_scale="auto", obs_noise="auto")
+
+
+def test_auto_prior_scale_with_auto_noise():
+    """Both at once: each candidate scale has its own noise belief; the chosen one's estimate is reported and the
+    pair is checkpointed."""
+    X, Y, Xt, Yt = sine_stream(300, seed=0)
+    Y = Y + 0.2 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(5))  # noise sqrt(0.1² + 0.2²) = 0.224
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        guide = mlp_guide("block", "kbnn", prior_scale="auto", obs_noise="auto").update(X, Y)
+    k = _grid_index(guide)
+    assert guide.noise is guide.noise_candidates[k] and guide.belief is guide.candidates[k]
+    assert 0.18 < float(guide.obs_noise) < 0.3, float(guide.obs_noise)
+    fresh = mlp_guide("block", "kbnn", prior_scale="auto", obs_noise="auto")
+    fresh.load_state_dict(guide.state_dict())
+    assert fresh.noise is fresh.noise_candidates[k] and torch.equal(fresh.obs_noise, guide.obs_noise)
+
+
+def _grid_index(guide: pk.KalmanGuide) -> int:
+    from ppl_kbnn.hyper import PRIOR_GRID
+
+    return PRIOR_GRID.index(guide.prior_scale)
 
 
 def test_transformers_run_auto_noise_and_auto_prior_scale():
