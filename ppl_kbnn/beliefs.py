@@ -174,6 +174,12 @@ class Belief(nn.Module):
         """Random-walk drift: ``P ← P + q I`` on the Bayesian entries."""
         raise NotImplementedError
 
+    def scale_cov(self, f: float) -> None:
+        """``P ← f P`` (a belief conditional on the noise variance, rescaled when its estimate moves)."""
+        for name, buf in self.named_buffers():
+            if name.startswith("cov"):
+                buf.mul_(f)
+
     def sample(self, n: int, generator: torch.Generator | None = None, *, antithetic: bool = False) -> torch.Tensor:
         """``n`` draws ``(n, D)``: ``μ + root(P) z``.
 
@@ -596,6 +602,10 @@ class LowRankBelief(Belief):
         self.loc.copy_(mean)
         self.prec_factor.copy_(keep)
         self.prec_diag.copy_(ups)
+
+    def scale_cov(self, f):  # noqa: D102
+        self.prec_diag.div_(f)
+        self.prec_factor.div_(f**0.5)
 
     def add_process_noise(self, q):
         raise ValueError("process_noise > 0 is not supported with covariance='lowrank'; supported: 'diag', 'block', "

@@ -37,9 +37,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .beliefs import Belief, BlockBelief, DiagBelief, FullBelief, LowRankBelief
+from .hyper import observation
 from .kalman import (
     filter_step,
-    filter_step_full,
     smooth_activation,
     smooth_activation_full,
     smooth_linear,
@@ -162,7 +162,10 @@ class KBNNChain(Engine):
         """KBNN: filter at the output, then smoothing I/II with diagonal hidden states."""
         g = self.guide
         mean, var, cache = self.forward_moments(x[None, :])  # (1, d_out)
-        filt_mean, filt_var = filter_step(mean, var, y[None, :], g.obs_noise**2)
+        rho = observation(g, torch.diag(var[0]), y - mean[0])  # noise variances (d_out,), None: skip
+        if rho is None:
+            return {}
+        filt_mean, filt_var = filter_step(mean, var, y[None, :], rho)
         d_mean, d_var = filt_mean - mean, filt_var - var
         new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for node, in_var, out in reversed(cache):
@@ -183,7 +186,10 @@ class KBNNChain(Engine):
         """Filter at the output, then vector RTS steps with full within-sample hidden covariances."""
         g = self.guide
         mean, cov, cache = self.forward_moments(x[None, :])  # (1, d_out), (1, d_out, d_out)
-        filt_mean, filt_cov = filter_step_full(mean, cov, y[None, :], g.obs_noise**2)
+        rho = observation(g, cov[0], y - mean[0])  # noise variances (d_out,), None: skip
+        if rho is None:
+            return {}
+        filt_mean, filt_cov = _filter_full(mean, cov, y[None, :], rho)
         d_mean, d_cov = filt_mean - mean, filt_cov - cov
         new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for node, _in_cov, out in reversed(cache):
@@ -258,8 +264,12 @@ class KBNNTransformer(Engine):
         var = torch.diagonal(S)
         if g.guards.var_floor > 0:
             var = g.guards.floor(var)
-        S = S - torch.diag(torch.diagonal(S)) + torch.diag(var + g.obs_noise**2)  # + R
+        S = S - torch.diag(torch.diagonal(S)) + torch.diag(var)
         resid = y.reshape(-1) - mu
+        rho = observation(g, S, resid)  # noise variances (m,), None: skip
+        if rho is None:
+            return
+        S = S + torch.diag(rho)  # + R
         S_inv = torch.linalg.inv(S)  # once for every layer
         g.belief.update_rows({s.index: weight_update(*g.belief.rows(s.index), jacs[s.module], S, resid,
                                                      g.belief.w_kind, S_inv=S_inv)
@@ -281,8 +291,12 @@ class _Linearised(Engine):
         var = torch.diagonal(P_y)
         if g.guards.var_floor > 0:
             P_y = P_y - torch.diag(var) + torch.diag(g.guards.floor(var))
-        R = g.obs_noise**2 * torch.eye(P_y.shape[0], dtype=P_y.dtype, device=P_y.device)
-        g.belief.condition(c, P_y + R, y.reshape(-1) - y_hat, R=R, J=J)
+        resid = y.reshape(-1) - y_hat
+        rho = observation(g, P_y, resid)  # noise variances (m,), None: skip
+        if rho is None:
+            return
+        R = torch.diag(rho)
+        g.belief.condition(c, P_y + R, resid, R=R, J=J)
 
 
 class EKF(_Linearised):
@@ -330,6 +344,14 @@ class SLR(_Linearised):
         lin = B.mT @ B
         evals, evecs = torch.linalg.eigh(0.5 * (P_y - lin + (P_y - lin).mT))
         self._kalman(y, y_hat, c, lin + (evecs * evals.clamp_min(0)) @ evecs.mT, None)
+
+
+def _filter_full(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, rho: torch.Tensor) -> tuple:
+    """Output filter step with full covariance ``(..., d, d)`` and noise ``diag(rho)``."""
+    S = cov + torch.diag(rho)
+    K = torch.linalg.solve(S, cov).mT  # P S⁻¹ (S, P symmetric)
+    new_cov = cov - K @ cov
+    return mean + (K @ (y - mean)[..., None])[..., 0], 0.5 * (new_cov + new_cov.mT)
 
 
 def _seed(seed: int, step: int) -> int:

@@ -21,6 +21,7 @@ import copy
 import hashlib
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from ._args import real_arg
 from ._threads import warn_if_oversubscribed
 from .beliefs import BELIEFS, Belief, Layout, LinearSlot
 from .engines import ENGINES, READOUTS, SLR, KBNNChain, KBNNTransformer, NetworkFunction, antithetic_draws
+from .hyper import OUTLIERS, PRIOR_DISCOUNT, PRIOR_GRID, NoiseBelief, OutlierWarning, default_threshold
 from .kalman import Guards
 from .model import BayesianModel
 from .moments._checks import check_tensor
@@ -165,6 +167,28 @@ class KalmanGuide(PyroModule):
             sample's update (random-walk drift, ``θ_t = θ_{t-1} + N(0, qI)``); default 0 (static).
         var_floor, jitter, gain_clip, psd_repair: numerical guards (see :mod:`ppl_kbnn.kalman.guards`);
             each firing is counted in :attr:`guard_counts`.
+        obs_noise: ``None`` (default: the model's ``obs_noise``, fixed) or ``"auto"``: each output's noise variance
+            learnt online with an inverse-Gamma belief whose prior is centred on the model's ``obs_noise``, the
+            weight belief held conditional on it (the conjugate normal-inverse-Gamma update, :mod:`ppl_kbnn.hyper`);
+            :attr:`obs_noise` reports the current estimate, :meth:`obs_noise_belief` its uncertainty. The model keeps
+            its number (NUTS and SVI need one).
+        outliers: what an update does with a sample whose innovation's squared Mahalanobis distance ``d²`` exceeds
+            ``outlier_threshold`` (:mod:`ppl_kbnn.hyper`): ``"warn"`` (default; update, count in
+            ``guard_counts["outlier"]``, one :class:`~ppl_kbnn.hyper.OutlierWarning` per :meth:`update` call),
+            ``"gate"`` (skip the sample, counted) or ``"wolf"`` (every sample absorbed with the noise inflated by
+            ``1 + d²/outlier_threshold``: WoLF's inverse-multiquadric weight; flagged samples counted).
+        prior_scale: ``None`` (default: the model's priors) or ``"auto"``: the prior scale chosen from the data. One
+            belief per scale ``s`` in :data:`~ppl_kbnn.hyper.PRIOR_GRID` (every Bayesian weight ``N(μ₀, s²)``, ``μ₀``
+            the model's prior means), each updated with every sample and scoring its one-step log predictive
+            density, discounted by :data:`~ppl_kbnn.hyper.PRIOR_DISCOUNT` per sample (0.99: a recency-weighted
+            log evidence, :attr:`prior_log_evidence`); :attr:`belief` is the best-scoring one and :attr:`prior_scale`
+            its scale. Cost: ``len(PRIOR_GRID)`` (5) updates per sample and 5 beliefs in memory until frozen.
+            With ``obs_noise="auto"`` each candidate has its own noise belief.
+        prior_warmup: ``None`` (default: never freeze, the choice keeps following the score) or the number of
+            samples after which the best scale is frozen and the other beliefs stop being updated (their memory
+            stays allocated).
+        outlier_threshold: the ``d²`` threshold; default ``None``: the ``χ²_m`` quantile at ``1 - 10⁻⁶`` for ``m``
+            observed outputs (:func:`~ppl_kbnn.hyper.default_threshold`; 23.93 for ``m = 1``).
 
     The belief is :attr:`belief` (a :class:`~ppl_kbnn.beliefs.Belief`); :meth:`layer` / :meth:`set_layer` read
     and set one linear map's rows. Fixed (non-Bayesian) entries have zero variance and never move.
@@ -191,6 +215,11 @@ class KalmanGuide(PyroModule):
         jitter: float = 0.0,
         gain_clip: float | None = None,
         psd_repair: bool = False,
+        obs_noise: str | None = None,
+        outliers: str = "warn",
+        outlier_threshold: float | None = None,
+        prior_scale: str | None = None,
+        prior_warmup: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, BayesianModel):
@@ -229,7 +258,23 @@ class KalmanGuide(PyroModule):
                              "'diag', 'block', 'full'")  # fmt: skip
         self.covariance, self.update_rule, self.hidden = covariance, update, hidden
         self._kind = "diag" if hidden == "diag" else "token"
-        self.obs_noise = model.obs_noise
+        if obs_noise is not None and obs_noise != "auto":
+            raise ValueError(f"obs_noise must be None (the model's, fixed) or 'auto', got {obs_noise!r}")
+        if not isinstance(outliers, str) or outliers not in OUTLIERS:
+            raise ValueError(f"outliers must be one of {OUTLIERS}, got {outliers!r}")
+        if outlier_threshold is not None:
+            outlier_threshold = real_arg("outlier_threshold", outlier_threshold, strict=True)
+        self.outliers, self.outlier_threshold = outliers, outlier_threshold
+        self._outliers_in_call = 0
+        self._last_d2, self._last_logpdf, self._cov_factor = math.nan, math.nan, 1.0
+        self._obs_noise0 = float(model.obs_noise)
+        if prior_scale is not None and prior_scale != "auto":
+            raise ValueError(f"prior_scale must be None (the model's priors) or 'auto', got {prior_scale!r}")
+        if prior_warmup is not None and (isinstance(prior_warmup, bool) or not isinstance(prior_warmup, int)
+                                         or prior_warmup < 1):  # fmt: skip
+            raise ValueError(f"prior_warmup must be None or an int >= 1, got {prior_warmup!r}")
+        self.prior_scale_mode, self.prior_warmup = ("auto" if prior_scale == "auto" else "model"), prior_warmup
+        self.obs_noise_mode = "auto" if obs_noise == "auto" else "fixed"
         self.observe = model.observe
         self.__dict__["_net"] = model.net  # structure and fixed weights (transformers); not a submodule
         self.process_noise = float(process_noise)
@@ -243,8 +288,27 @@ class KalmanGuide(PyroModule):
         var = torch.cat([(scale * scale).reshape(-1) for _, scale in model.priors.values()])  # (D,)
         fixed = [self._fixed_rows(model, node) for node in self._linears]
         low = {"rank": rank, "truncation": truncation or "drop"} if covariance == "lowrank" else {}
-        self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
+        if prior_scale == "auto":  # one belief per candidate scale (PRIOR_GRID); self.belief is the current best
+            self.candidates = nn.ModuleList(
+                [belief_cls(layout, loc, torch.full_like(var, s * s), self.guards, fixed=fixed, **low)
+                 for s in PRIOR_GRID])  # fmt: skip
+            self.register_buffer("prior_log_evidence", torch.zeros(len(PRIOR_GRID), dtype=loc.dtype))
+            self.prior_choice: int | None = None  # index into PRIOR_GRID once frozen
+            self.__dict__["belief"] = self.candidates[0]
+        else:
+            self.candidates = None
+            self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
         self.dtype = loc.dtype
+        self.noise_candidates = None
+        if obs_noise == "auto" and self.candidates is not None:  # one noise belief per candidate prior scale
+            self.noise_candidates = nn.ModuleList(
+                [NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype) for _ in PRIOR_GRID]
+            )
+            self.__dict__["noise"] = self.noise_candidates[0]
+        elif obs_noise == "auto":
+            self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype)
+        else:
+            self.noise = None
         opts = {} if update != "slr" else {"draws": draws, "seed": seed}
         if update != "slr" and draws is not None:
             raise ValueError("draws applies to update='slr' (use predict(method='sampled', draws=...) otherwise)")
@@ -256,6 +320,28 @@ class KalmanGuide(PyroModule):
         self.__dict__["_model"] = model
 
     # ------------------------------------------------------------------ structure
+
+    @property
+    def obs_noise(self) -> float | torch.Tensor:
+        """Observation-noise std: the model's (a float), or with ``obs_noise="auto"`` the current estimate
+        ``sqrt(β/α)`` per output ``(d_out,)``."""
+        return self._obs_noise0 if self.noise is None else self.noise.var.sqrt()
+
+    def obs_noise_belief(self) -> dist.Distribution:
+        """The belief over each output's noise *variance* (``obs_noise="auto"``): ``InverseGamma(α, β)``, batch
+        ``(d_out,)``; its ``.mean`` / ``.variance`` give the estimate's uncertainty."""
+        if self.noise is None:
+            raise ValueError("obs_noise_belief needs obs_noise='auto' (this guide's noise is fixed)")
+        return self.noise.distribution()
+
+    def _d_out(self) -> int:
+        if not self.transformer:
+            return self._linears[-1].d_out
+        c = self._net.config
+        return c.d_out if hasattr(c, "d_out") else c.act_dim
+
+    def _outlier_threshold(self, m: int) -> float:
+        return default_threshold(m) if self.outlier_threshold is None else self.outlier_threshold
 
     @property
     def _linears(self) -> list[_Linear]:
@@ -460,20 +546,39 @@ class KalmanGuide(PyroModule):
             y = self._check_y(y, x.shape[0])
             n = x.shape[0]
         warn_if_oversubscribed()
-        snapshot = self.belief.snapshot()
+        current = (self.belief, self.noise)
+        snapshot = [b.snapshot() for b in (self.candidates or [self.belief])]
+        evidence = None if self.candidates is None else (self.prior_log_evidence.clone(), self.prior_choice)
+        noises = [] if self.noise is None else list(self.noise_candidates or [self.noise])
+        noise = [(nb.alpha.clone(), nb.beta.clone()) for nb in noises]
         counts = self.guards.counts.copy()
+        self._outliers_in_call = 0
         t0 = time.perf_counter()
         try:
             for i in range(n):  # samples are sequential by nature
                 self._in_batch = i
-                if self.process_noise > 0:
-                    self.belief.add_process_noise(self.process_noise)
-                if self.transformer:
-                    self.engine.step(_take(x, i), y[i])
-                else:
-                    self.engine.step(x[i], y[i])
+                searching = self.candidates is not None and self.prior_choice is None
+                for k in range(len(PRIOR_GRID)) if searching else [None]:
+                    if searching:
+                        self._select(k)  # each candidate in turn
+                    self._step(x, y, i)
+                    if searching:
+                        self.prior_log_evidence[k] = PRIOR_DISCOUNT * self.prior_log_evidence[k] + self._last_logpdf
+                if searching:  # the best so far; frozen after the warm-up
+                    best = int(torch.argmax(self.prior_log_evidence))
+                    self._select(best)
+                    if self.prior_warmup is not None and self.n_updates + i + 1 >= self.prior_warmup:
+                        self.prior_choice = best
         except BaseException:
-            self.belief.restore(snapshot)
+            self.__dict__["belief"], self.__dict__["noise"] = current
+            for b, snap in zip(self.candidates or [self.belief], snapshot, strict=True):
+                b.restore(snap)
+            if evidence is not None:
+                self.prior_log_evidence.copy_(evidence[0])
+                self.prior_choice = evidence[1]
+            for nb, (a, b) in zip(noises, noise, strict=True):
+                nb.alpha.copy_(a)
+                nb.beta.copy_(b)
             self.guards.counts.clear()
             self.guards.counts.update(counts)
             raise
@@ -481,7 +586,41 @@ class KalmanGuide(PyroModule):
             self._in_batch = 0
         self.n_updates += n
         self.update_seconds += time.perf_counter() - t0
+        if self._outliers_in_call and self.outliers == "warn":
+            thr = "the chi-square 1-1e-6 quantile" if self.outlier_threshold is None else self.outlier_threshold
+            warnings.warn(
+                f"{self._outliers_in_call} of {n} sample(s) had an innovation beyond the outlier threshold (squared "
+                f"Mahalanobis distance > {thr}); they were absorbed as usual (counted in guard_counts['outlier']). "
+                "Use outliers='gate' or 'wolf' for robust updates, or obs_noise='auto' if the noise is larger than "
+                "assumed.", OutlierWarning, stacklevel=2)  # fmt: skip
         return self
+
+    def _select(self, k: int) -> None:
+        """Point :attr:`belief` (and the noise belief) at candidate prior scale ``k`` (plain attributes: the
+        candidates stay registered once, under ``candidates`` / ``noise_candidates``)."""
+        self.__dict__["belief"] = self.candidates[k]
+        if self.noise_candidates is not None:
+            self.__dict__["noise"] = self.noise_candidates[k]
+
+    def _step(self, x, y, i: int) -> None:
+        """Absorb sample ``i`` into :attr:`belief` (process noise, the engine's step, the noise rescaling)."""
+        if self.process_noise > 0:
+            self.belief.add_process_noise(self.process_noise)
+        self._cov_factor, self._last_logpdf = 1.0, math.nan
+        if self.transformer:
+            self.engine.step(_take(x, i), y[i])
+        else:
+            self.engine.step(x[i], y[i])
+        if self._cov_factor != 1.0:  # obs_noise="auto": the weight belief is conditional on the noise
+            self.belief.scale_cov(self._cov_factor)
+
+    @property
+    def prior_scale(self) -> float | None:
+        """With ``prior_scale="auto"``: the chosen scale once frozen, else the best so far; ``None`` otherwise."""
+        if self.candidates is None:
+            return None
+        k = self.prior_choice if self.prior_choice is not None else int(torch.argmax(self.prior_log_evidence))
+        return PRIOR_GRID[k]
 
     def linearise(self, x) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Forward moments and statistical Jacobians of one transformer input (batch of 1).
@@ -576,7 +715,7 @@ class KalmanGuide(PyroModule):
             **self.belief.signature(),
             "update": self.update_rule,
             "hidden": self.hidden,
-            "obs_noise": self.obs_noise,
+            "obs_noise": self._obs_noise0,
             "nodes": [
                 (n.module, "linear", n.d_in, n.d_out, n.bias, n.weight_site, n.bias_site)
                 if isinstance(n, _Linear)
@@ -587,7 +726,17 @@ class KalmanGuide(PyroModule):
 
     def _settings(self) -> dict:
         """Settings outside the structure signature that change what an update does; a checkpoint must share them."""
-        out = {"process_noise": self.process_noise, "guards": self.guards.settings(), "observe": self.observe}
+        out = {
+            "process_noise": self.process_noise,
+            "guards": self.guards.settings(),
+            "observe": self.observe,
+            "obs_noise_mode": self.obs_noise_mode,
+            "outliers": self.outliers,
+            "outlier_threshold": self.outlier_threshold,
+            "prior_scale_mode": self.prior_scale_mode,
+        }
+        if self.candidates is not None:
+            out |= {"prior_grid": list(PRIOR_GRID), "prior_warmup": self.prior_warmup}
         if self.update_rule == "slr":
             out |= {"draws": self.draws, "seed": self.seed}
         return out
@@ -613,12 +762,17 @@ class KalmanGuide(PyroModule):
             "guard_counts": dict(self.guards.counts),
             "n_updates": self.n_updates,
             "update_seconds": self.update_seconds,
+            **({} if self.candidates is None else {"prior_choice": self.prior_choice}),
         }
 
     def set_extra_state(self, state: dict) -> None:
         """Restore the counters of :meth:`get_extra_state` (validated by :meth:`load_state_dict` before)."""
         self.n_updates = int(state.get("n_updates", 0))
         self.update_seconds = float(state.get("update_seconds", 0.0))
+        if self.candidates is not None:
+            self.prior_choice = state.get("prior_choice")
+            k = self.prior_choice if self.prior_choice is not None else int(torch.argmax(self.prior_log_evidence))
+            self._select(k)
         self.guards.counts.clear()
         self.guards.counts.update(state.get("guard_counts", {}))
 
@@ -645,6 +799,11 @@ class KalmanGuide(PyroModule):
         sec = extra.get("update_seconds")
         if isinstance(sec, bool) or not isinstance(sec, int | float) or not (math.isfinite(sec) and sec >= 0):
             raise ValueError(f"corrupt checkpoint: '_extra_state' update_seconds must be a number >= 0, got {sec!r}")
+        if self.candidates is not None:
+            k = extra.get("prior_choice", "<missing>")
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(PRIOR_GRID)):
+                raise ValueError(f"corrupt checkpoint: '_extra_state' prior_choice must be None or an index into "
+                                 f"{list(PRIOR_GRID)}, got {k!r}")  # fmt: skip
         counts = extra.get("guard_counts")
         if not isinstance(counts, Mapping) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in counts.items()
@@ -659,7 +818,8 @@ class KalmanGuide(PyroModule):
         and shape; the structure signature (covariance, update rule, hidden mode, observation noise, the
         network's nodes), every update setting (process noise, guards, ``observe``; draws and seed of
         ``"slr"``); the fingerprint of the network's fixed weights (:meth:`fixed_weights_fingerprint`); the
-        counters; and the belief itself: finite, symmetric, positive semi-definite, fixed entries equal to
+        counters; the noise belief (``obs_noise="auto"``: finite, positive); and the belief itself: finite,
+        symmetric, positive semi-definite, fixed entries equal to
         this network's (:meth:`~ppl_kbnn.beliefs.Belief.check_state`). The first difference raises a
         ``ValueError`` that names it, and the guide is left bit-identical. ``strict=False`` and ``assign=True``
         (partial or aliasing loads) are refused.
@@ -695,7 +855,16 @@ class KalmanGuide(PyroModule):
                 "state dict was saved from a different model/guide (differs in fixed_weights: the network's fixed, "
                 "non-Bayesian weights are not the ones the belief was computed with)"
             )
-        self.belief.check_state({k[7:]: v for k, v in state_dict.items() if k.startswith("belief.")}, "belief.")
+        for name, b in [("belief.", self.belief)] if self.candidates is None else [
+                (f"candidates.{i}.", c) for i, c in enumerate(self.candidates)]:  # fmt: skip
+            b.check_state({k[len(name) :]: v for k, v in state_dict.items() if k.startswith(name)}, name)
+        if self.candidates is not None:
+            check_tensor("prior_log_evidence", state_dict["prior_log_evidence"])
+        if self.noise is not None:
+            named = [("noise.", self.noise)] if self.noise_candidates is None else [
+                (f"noise_candidates.{i}.", nb) for i, nb in enumerate(self.noise_candidates)]  # fmt: skip
+            for name, nb in named:
+                nb.check_state({k[len(name) :]: v for k, v in state_dict.items() if k.startswith(name)}, name)
         backup = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in current.items()}
         try:
             return super().load_state_dict(state_dict, strict=True)

@@ -729,7 +729,9 @@ def test_belief_stays_symmetric_psd_finite_over_a_stream_with_process_noise(cova
     run = long_stream_run(covariance, n_updates=1000, check_every=100, process_noise=1e-6, seed=0)
     assert run["checks_done"] == 10 and run["n_updates"] == 1000
     assert run["finite"] and run["symmetric"] and run["psd"], run
-    assert run["first_failure"] is None and run["guard_counts"] == {}
+    # no numerical guard fired; the stream's noise (0.5) is 5x the model's obs_noise (0.1), so the outlier count is not
+    # zero (that is the outlier test doing its job, docs/hyper.md)
+    assert run["first_failure"] is None and {k: v for k, v in run["guard_counts"].items() if k != "outlier"} == {}
 
 
 def test_belief_health_detects_each_failure():
