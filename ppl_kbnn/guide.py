@@ -587,12 +587,13 @@ class KalmanGuide(PyroModule):
         self.n_updates += n
         self.update_seconds += time.perf_counter() - t0
         if self._outliers_in_call and self.outliers == "warn":
+            # a constant text: Python shows it once per calling line, the counts are in guard_counts["outlier"]
             thr = "the chi-square 1-1e-6 quantile" if self.outlier_threshold is None else self.outlier_threshold
             warnings.warn(
-                f"{self._outliers_in_call} of {n} sample(s) had an innovation beyond the outlier threshold (squared "
-                f"Mahalanobis distance > {thr}); they were absorbed as usual (counted in guard_counts['outlier']). "
-                "Use outliers='gate' or 'wolf' for robust updates, or obs_noise='auto' if the noise is larger than "
-                "assumed.", OutlierWarning, stacklevel=2)  # fmt: skip
+                f"sample(s) with an innovation beyond the outlier threshold (squared Mahalanobis distance > {thr}) "
+                "were absorbed as usual and counted in guard_counts['outlier']. Use outliers='gate' or 'wolf' for "
+                "robust updates, or obs_noise='auto' if the noise is larger than assumed.", OutlierWarning,
+                stacklevel=2)  # fmt: skip
         return self
 
     def _select(self, k: int) -> None:
