@@ -35,7 +35,6 @@ from typing import Any
 
 from . import __version__
 from ._io import OutputDirError, prepare_out_dir, write_text_atomic
-from .hyper import OutlierWarning
 
 Section = Callable[..., dict[str, Any]]
 
