@@ -386,11 +386,10 @@ class BlockBelief(_RowBelief):
     def dense_cov(self) -> torch.Tensor:
         P = torch.zeros(self.layout.dim, self.layout.dim, dtype=self.mean_0.dtype, device=self.mean_0.device)
         for s, idx in zip(self.layout.slots, self.layout.index, strict=True):
-            cov = self.rows(s.index)[1]
-            m = idx >= 0
-            for n in range(idx.shape[0]):  # rows are independent blocks; small networks only
-                i = idx[n][m[n]].to(P.device)
-                P[i[:, None], i[None, :]] = cov[n][m[n]][:, m[n]]
+            cov = self.rows(s.index)[1]  # (n, p, p): rows are independent blocks
+            pairs = (idx[:, :, None] >= 0) & (idx[:, None, :] >= 0)  # (n, p, p): both entries Bayesian
+            rows, cols = idx[:, :, None].expand_as(pairs), idx[:, None, :].expand_as(pairs)
+            P[rows[pairs].to(P.device), cols[pairs].to(P.device)] = cov[pairs.to(cov.device)]
         return P
 
     def _commit(self, index, mean, cov):

@@ -313,7 +313,7 @@ class KalmanGuide(PyroModule):
         if update != "slr" and draws is not None:
             raise ValueError("draws applies to update='slr' (use predict(method='sampled', draws=...) otherwise)")
         self.engine = engine_cls(self, **opts)
-        self.draws = getattr(self.engine, "draws", SLR.DEFAULT_DRAWS if draws is None else draws)
+        self.draws = getattr(self.engine, "draws", SLR.DEFAULT_DRAWS)  # (draws is only accepted with "slr")
         self.seed = int(seed)
         self._moments = (KBNNTransformer if self.transformer else KBNNChain)(self)
         self.__dict__["_network"] = None  # built on first use (a deterministic copy of the network)
