@@ -593,7 +593,7 @@ class KalmanGuide(PyroModule):
                 f"sample(s) with an innovation beyond the outlier threshold (squared Mahalanobis distance > {thr}) "
                 "were absorbed as usual and counted in guard_counts['outlier']. Use outliers='gate' or 'wolf' for "
                 "robust updates, or obs_noise='auto' if the noise is larger than assumed.", OutlierWarning,
-                stacklevel=2)  # fmt: skip
+                stacklevel=3)  # fmt: skip  (1: here, 2: torch.no_grad's wrapper, 3: the caller of update)
         return self
 
     def _select(self, k: int) -> None:
