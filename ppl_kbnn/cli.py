@@ -3,6 +3,9 @@
 ``ppl-kbnn validate [--quick] [--seed N] [--out DIR] [--sections NAME ...]`` runs the
 validation sections of :data:`SECTIONS`, writes each section's files into ``DIR`` plus
 ``DIR/report.json`` and ``DIR/report.md``, and exits with 0 when every check passed, 1 otherwise.
+``ppl-kbnn validate --seeds 0-9 [--executor local|ray] [--address ADDR] [--num-cpus N]`` runs the
+sections at every seed (:func:`ppl_kbnn.sweep.validate_sweep`): ``DIR/seed_<s>/`` gets what
+``--seed s`` writes, ``DIR/report.json`` / ``report.md`` merge the seeds.
 
 ``ppl-kbnn pendulum [--quick] [--seed N] [--out DIR]`` runs the pendulum study
 (:func:`ppl_kbnn.pendulum.run_study`: ``results.json``, ``results.md``, PNGs);
@@ -210,6 +213,34 @@ def validate(
         n_failed = sum(not c["passed"] for c in results[name]["checks"])
         _stage(progress, f"validate: section {name} done in {time.perf_counter() - ts:.1f} s "
                          f"({len(results[name]['checks'])} checks, {n_failed} failed)")  # fmt: skip
+    return write_report(out_dir, seed=seed, quick=quick, command=command, results=results,
+                        environment=environment(), elapsed_s=round(time.perf_counter() - t0, 3))  # fmt: skip
+
+
+def write_report(
+    out_dir: Path,
+    *,
+    seed: int,
+    quick: bool,
+    command: str,
+    results: dict[str, dict[str, Any]],
+    environment: dict[str, Any],
+    elapsed_s: float,
+) -> dict[str, Any]:
+    """Write ``report.json`` / ``report.md`` of a single-seed validation run whose sections wrote into ``out_dir``.
+
+    Used by :func:`validate` and, per seed, by :func:`ppl_kbnn.sweep.validate_sweep`.
+
+    Args:
+        out_dir: the folder holding the sections' files (``<name>.md`` is read back into ``report.md``).
+        seed, quick, command: the run's settings and command line.
+        results: section name -> the section's dict, in run order.
+        environment: :func:`environment` of the process that ran the sections.
+        elapsed_s: the run's wall time.
+
+    Returns:
+        The report written to ``report.json``.
+    """
     passed = all(bool(c["passed"]) for r in results.values() for c in r["checks"])
     report = {
         "version": __version__,
@@ -217,10 +248,11 @@ def validate(
         "quick": quick,
         "command": command,
         "sections": results,
-        "environment": environment(),
-        "elapsed_s": round(time.perf_counter() - t0, 3),
+        "environment": environment,
+        "elapsed_s": elapsed_s,
         "passed": passed,
     }
+    out_dir = Path(out_dir)
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out_dir / "report.md", _report_md(report, command, out_dir))
     return report
@@ -249,6 +281,57 @@ _EPILOG = (
     "Before the run, the earlier outputs of this command in --out ({files}) are removed, and nothing else; "
     "the reports are written atomically. Exit codes: 0 success, 1 failed checks (validate), 2 user error."
 )
+
+
+def _seeds(text: str) -> list[int]:
+    from .sweep import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _num_cpus(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid CPU count {text!r}: expected an integer >= 1")
+    return value
+
+
+def _sweep_arguments(p: argparse.ArgumentParser, seed_args: Any) -> None:
+    """``--seeds``, ``--executor``, ``--address``, ``--num-cpus`` of ``ppl-kbnn validate``."""
+    seed_args.add_argument(
+        "--seeds", type=_seeds, default=None, metavar="SEEDS",
+        help="run a sweep over these seeds instead of one seed: '0-9', '0,3,5' or '0-2,7'. Every section at every "
+             "seed is one task; OUT/seed_<s>/ gets what --seed s writes, OUT/report.json and report.md merge the "
+             "seeds (across-seed means and intervals, pass counts)",
+    )  # fmt: skip
+    p.add_argument("--executor", choices=("local", "ray"), default=None,
+                   help="with --seeds: run the tasks one after another in this process (local, the default) or as "
+                        "Ray tasks of one CPU each (ray; needs pip install \"ppl-kbnn[ray]\")")  # fmt: skip
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --executor ray: the address of an existing Ray cluster (default: start a local Ray "
+                        "with the machine's cores)")  # fmt: skip
+    p.add_argument("--num-cpus", type=_num_cpus, default=None, metavar="N",
+                   help="with --executor ray and no --address: CPUs of the local Ray (default: the machine's "
+                        "cores)")  # fmt: skip
+
+
+def _sweep_usage_error(args: argparse.Namespace) -> str | None:
+    """The misuse of the sweep options of ``validate``, if any."""
+    if args.seeds is None:
+        used = [f for f, v in (("--executor", args.executor), ("--address", args.address),
+                               ("--num-cpus", args.num_cpus)) if v is not None]  # fmt: skip
+        return f"{', '.join(used)} only with --seeds" if used else None
+    if (args.address is not None or args.num_cpus is not None) and args.executor != "ray":
+        return "--address and --num-cpus only with --executor ray"
+    if args.address is not None and args.num_cpus is not None:
+        return "--num-cpus applies to a local Ray only, not with --address"
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -290,13 +373,15 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=description,
                            epilog=_EPILOG.format(files=", ".join(OUTPUTS[name])))  # fmt: skip
         p.add_argument("--quick", action="store_true", help=quick_help)
-        p.add_argument("--seed", type=_seed, default=0, help="base random seed, >= 0 (default 0)")
+        seed_args = p.add_mutually_exclusive_group() if name == "validate" else p
+        seed_args.add_argument("--seed", type=_seed, default=0, help="base random seed, >= 0 (default 0)")
         p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
         if name == "validate":
             p.add_argument(
                 "--sections", nargs="+", choices=list(SECTIONS), default=None, metavar="NAME",
                 help=f"sections to run (default all: {', '.join(SECTIONS)})",
             )  # fmt: skip
+            _sweep_arguments(p, seed_args)
         p.add_argument("--no-progress", action="store_true",
                        help="no progress on stderr (the result lines on stdout stay)")  # fmt: skip
     return parser
@@ -317,6 +402,8 @@ def _pendulum_summary(results: dict[str, Any]) -> list[str]:
 
 def _run(args: argparse.Namespace, command: str) -> int:
     progress = not args.no_progress
+    if args.command == "validate" and args.seeds is not None:
+        return _run_sweep(args, command, progress)
     if args.command == "validate":
         report = validate(out_dir=args.out, quick=args.quick, seed=args.seed, sections=args.sections,
                           progress=progress, command=command)  # fmt: skip
@@ -343,6 +430,25 @@ def _run(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def _run_sweep(args: argparse.Namespace, command: str, progress: bool) -> int:
+    """``validate --seeds``: :func:`ppl_kbnn.sweep.validate_sweep`, failed checks and a summary on stdout."""
+    from .sweep import validate_sweep
+
+    report = validate_sweep(out_dir=args.out, quick=args.quick, seeds=args.seeds, sections=args.sections,
+                            executor=args.executor or "local", address=args.address, num_cpus=args.num_cpus,
+                            progress=progress, command=command)  # fmt: skip
+    for name, sec in report["sections"].items():
+        for c in sec["checks"]:
+            for s, r in c["per_seed"].items():
+                if not r["passed"]:
+                    print(f"FAILED seed {s} {name}/{c['name']}: {r['detail']}")
+    n_seeds = len(report["seeds"])
+    verdict = "all passed" if report["passed"] else f"{report['n_failed']} failed"
+    print(f"{report['n_checks']} checks over {n_seeds} seeds, {verdict}; report: {args.out / 'report.md'} "
+          f"(per seed: {args.out / 'seed_<s>'})")  # fmt: skip
+    return 0 if report["passed"] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ppl-kbnn``; returns the exit code (0 success, 1 failed checks, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -354,10 +460,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "validate" and (misuse := _sweep_usage_error(args)):
+        print(f"ppl-kbnn validate: error: {misuse} (see ppl-kbnn validate --help)", file=sys.stderr)
+        return 2
     command = shlex.join(["ppl-kbnn", *argv])
     if args.quick:
         print(f"{SMOKE_TEST}: a --quick run checks that `ppl-kbnn {args.command}` runs end to end")
     from .hyper import OutlierWarning  # (imports torch: not needed for --help / --version)
+    from .sweep import SweepError
 
     try:
         with warnings.catch_warnings():
@@ -365,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # their reports carry the outlier counts (guard_counts), so the library's warning would only be noise
             warnings.filterwarnings("ignore", category=OutlierWarning)
             return _run(args, command)
+    except SweepError as exc:  # Ray missing or unreachable
+        print(f"ppl-kbnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except OutputDirError as exc:  # user errors only: a ValueError from inside a run is a bug and keeps its traceback
         print(f"ppl-kbnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
