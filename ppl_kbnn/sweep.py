@@ -435,6 +435,10 @@ def validate_sweep(
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose from {list(EXECUTORS)}")
+    if executor == "ray":
+        _import_ray()  # before any file is touched
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, OUTPUTS["validate"])
     for s in seeds:
