@@ -11,11 +11,10 @@ depend on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
-
-import contextlib
 
 import numpy as np
 import pytest
