@@ -261,7 +261,8 @@ def merge_details(details: Sequence[str]) -> dict[str, Any]:
     (all of them when the texts differ only in their numbers; otherwise those before the first words that
     differ, e.g. before a location such as "at relu" vs "at gelu") are the same quantity, and each gets
     :func:`interval` across seeds. The merged text states each such number once: as it is when every seed
-    has the same, else as ``mean [lo, hi]``; a text cut where the words differ ends in ``…``.
+    has the same; as the per-seed values ``{a, b, …}`` (in seed order) when they are integers (counts, steps,
+    sizes); else as ``mean [lo, hi]``. A text cut where the words differ ends in ``…``.
 
     Returns:
         ``{detail, complete, values}``: ``detail`` the merged text, ``complete`` whether the seeds' texts
@@ -288,7 +289,8 @@ def merge_details(details: Sequence[str]) -> dict[str, Any]:
         same = all(tok == tokens[0] for tok in tokens)
         stats = interval([float(tok.replace(",", "")) for tok in tokens])
         values.append({"position": i, "context": context.strip(), "same": same, **stats})
-        pieces += [first_texts[i], tokens[0] if same else _fmt(stats)]
+        integers = all(re.fullmatch(r"-?[\d,]+", tok) for tok in tokens)  # counts, steps, sizes: listed per seed
+        pieces += [first_texts[i], tokens[0] if same else "{" + ", ".join(tokens) + "}" if integers else _fmt(stats)]
         context += tokens[0]
     pieces.append(first_texts[k] if complete else (first_texts[k] if k < n_same else "") + " …")
     return {"detail": "".join(pieces), "complete": complete, "values": values}
@@ -543,8 +545,9 @@ def _sweep_md(report: dict[str, Any]) -> str:
         "Each `seed_<s>/` folder holds exactly what the single-seed command beside it writes (its `elapsed_s` "
         "is the sum of its sections' times). Below, per check, the number of seeds at which it passed and its "
         "detail text with each number that differs across seeds written `mean [lo, hi]`, where [lo, hi] is the "
-        f"{report['interval']}. A detail whose wording differs across seeds is cut where it starts to differ (…); "
-        "the per-seed reports have the full texts.",
+        f"{report['interval']}, or, for whole numbers (counts, steps, sizes), as the per-seed values "
+        "`{a, b, ...}` in seed order. A detail whose wording differs across seeds is cut where it starts to "
+        "differ (…); the per-seed reports have the full texts.",
         "",
         "| seed | passed | time (s) | report | single-seed command |",
         "|---:|---|---:|---|---|",
