@@ -443,8 +443,9 @@ def _run_sweep(args: argparse.Namespace, command: str, progress: bool) -> int:
                 if not r["passed"]:
                     print(f"FAILED seed {s} {name}/{c['name']}: {r['detail']}")
     n_seeds = len(report["seeds"])
+    seeds = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"
     verdict = "all passed" if report["passed"] else f"{report['n_failed']} failed"
-    print(f"{report['n_checks']} checks over {n_seeds} seeds, {verdict}; report: {args.out / 'report.md'} "
+    print(f"{report['n_checks']} checks over {seeds}, {verdict}; report: {args.out / 'report.md'} "
           f"(per seed: {args.out / 'seed_<s>'})")  # fmt: skip
     return 0 if report["passed"] else 1
 

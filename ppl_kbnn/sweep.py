@@ -164,7 +164,9 @@ def run_tasks(
 
         init: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
         if address is None:
-            init.update(num_cpus=num_cpus if num_cpus is not None else os.cpu_count(), include_dashboard=False)
+            # address="local": a new local Ray, never one that `ray start` left running (or its stale address)
+            init.update(address="local", num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+                        include_dashboard=False)  # fmt: skip
             # the local workers import ppl-kbnn (and fn's module) from where this process does
             import ppl_kbnn
 
@@ -531,7 +533,7 @@ def _sweep_md(report: dict[str, Any]) -> str:
     status = "all checks passed at every seed" if report["passed"] else "SOME CHECKS FAILED"
     seeds = report["seeds"]
     ex = report["executor"]
-    lines = [f"# ppl-kbnn validation sweep over {len(seeds)} seeds ({status})", ""]
+    lines = [f"# ppl-kbnn validation sweep over {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({status})", ""]
     if report["quick"]:
         lines += [f"> **{SMOKE_TEST}.** Every seed ran with the `--quick` settings: a smoke test.", ""]
     lines += [
