@@ -118,8 +118,9 @@ def run_tasks(
     ``executor="ray"``: each call is one Ray task holding one CPU, run with ``OMP_NUM_THREADS=1`` and one torch
     thread. With ``address`` it joins that Ray cluster (``ray.init(address=address)``; its workers must be able to
     import ``fn``, i.e. have ppl-kbnn installed); without it, it starts a local Ray with ``num_cpus`` CPUs (default:
-    the machine's cores) whose workers import ppl-kbnn from where this process does. Ray is shut down afterwards
-    if this call started it; a Ray already initialised in this process is used as it is and left running.
+    the machine's cores) whose workers import ppl-kbnn from where this process does. Afterwards
+    ``ray.shutdown()`` stops the local Ray this call started, or disconnects from the cluster it joined (which
+    keeps running); a Ray already initialised in this process is used as it is and left initialised.
 
     Args:
         fn: a top-level (picklable by reference) function taking keyword arguments; its result must pickle.

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from scipy import stats
 from ppl_kbnn import cli, sweep
 from ppl_kbnn.sweep import SweepError, interval, merge_details, parse_seeds, run_tasks
 
+ROOT = Path(__file__).resolve().parents[1]
 SECTION = "linear_exact"
 SEEDS = (0, 1)
 TIMING_KEYS = {"seconds", "elapsed_s", "wall_s", "chain_seconds"}
@@ -108,6 +111,73 @@ def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(SweepError, match=r'pip install "ppl-kbnn\[ray\]"'):
         run_tasks(_square, [{"x": 1}], executor="ray")
+
+
+class _FakeRay:
+    """Just enough of Ray's API for :func:`run_tasks`: tasks finish in reverse order of submission."""
+
+    def __init__(self, initialized=False):
+        self.initialized, self.calls = initialized, []
+
+    def is_initialized(self):
+        return self.initialized
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        self.initialized = True
+
+    def shutdown(self):
+        self.calls.append(("shutdown",))
+        self.initialized = False
+
+    def remote(self, **resources):
+        fake = self
+
+        class Remote:
+            def __init__(self, fn):
+                self.fn = fn
+
+            def options(self, **options):
+                fake.calls.append(("options", resources, options))
+                return self
+
+            def remote(self, *args):
+                return ("ref", len(fake.calls), self.fn(*args))
+
+        fake.calls.append(("remote", resources))
+        return Remote
+
+    def wait(self, pending, num_returns):
+        return [pending[-1]], pending[:-1]
+
+    def get(self, ref):
+        return ref[2]
+
+
+def test_run_tasks_ray_protocol(monkeypatch):
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    seen = []
+    out = run_tasks(_square, [{"x": 1}, {"x": 2}, {"x": 3}], executor="ray", num_cpus=3,
+                    on_done=lambda i, r: seen.append(i))  # fmt: skip
+    assert out == [1, 4, 9] and seen == [2, 1, 0]  # results in input order, whatever the completion order
+    init = fake.calls[0][1]
+    assert init["address"] == "local" and init["num_cpus"] == 3  # always a new local Ray
+    assert fake.calls[1] == ("remote", {"num_cpus": 1})
+    env = fake.calls[2][2]["runtime_env"]["env_vars"]
+    assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+    assert fake.calls[-1] == ("shutdown",) and not fake.initialized
+    # an existing cluster: joined, and disconnected from afterwards (ray.shutdown)
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert run_tasks(_square, [{"x": 5}], executor="ray", address="auto") == [25]
+    assert fake.calls[0] == ("init", {"logging_level": 40, "log_to_driver": False, "address": "auto"})
+    assert "PYTHONPATH" not in fake.calls[2][2]["runtime_env"]["env_vars"]
+    # a Ray this process initialised itself is used and left running
+    fake = _FakeRay(initialized=True)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert run_tasks(_square, [{"x": 2}], executor="ray") == [4]
+    assert [c[0] for c in fake.calls] == ["remote", "options"] and fake.initialized
 
 
 # --- across-seed statistics ----------------------------------------------------------------------------------
