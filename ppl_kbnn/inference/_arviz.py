@@ -307,6 +307,8 @@ def trace_figure(data: Any, weights: list[dict[str, Any]], path: Any, title: str
         row[2].set_title("rank histogram per chain (flat when mixed)", fontsize=9)
         row[2].set_xlabel("rank over all chains", fontsize=8)
         row[2].set_ylabel("chain", fontsize=8)
+        for ax in row:
+            ax.tick_params(labelsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
