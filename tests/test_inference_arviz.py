@@ -205,7 +205,7 @@ def test_plot_trace_runs(runs, az):
 def test_trace_weights_are_the_least_mixed_and_the_figure_is_written(runs, az, tmp_path):
     """``trace_weights`` picks the scalars with the largest R-hat and the smallest bulk / tail ESS of ``az.summary``
     (the validate report's trace / rank figure shows them); ``trace_figure`` writes the PNG."""
-    from ppl_kbnn.inference._arviz import trace_figure, trace_weights
+    from ppl_kbnn.inference import trace_figure, trace_weights
 
     idata = runs["idatas"]["nuts"]
     table = az.summary(idata, kind="all", round_to="none")

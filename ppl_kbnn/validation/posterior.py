@@ -79,8 +79,18 @@ import torch
 from tqdm import tqdm
 
 from ..guide import KalmanGuide
-from ..inference import InferenceResult, compare, ess, from_guide, laplace, model_output, nuts, svi
-from ..inference._arviz import trace_figure, trace_weights
+from ..inference import (
+    InferenceResult,
+    compare,
+    ess,
+    from_guide,
+    laplace,
+    model_output,
+    nuts,
+    svi,
+    trace_figure,
+    trace_weights,
+)
 from ..model import BayesianModel
 from ..toy import pretrained_mlp, regression_stream, teacher_student_transformer
 
