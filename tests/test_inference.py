@@ -72,17 +72,88 @@ def nuts_run(blr):
     return inf.nuts(model, X, Y, num_samples=DRAWS, warmup_steps=300, num_chains=CHAINS, seed=0)
 
 
-def test_nuts_chains_in_processes_give_the_same_draws(blr):
+def test_nuts_chains_in_processes_give_the_same_draws(blr, capsys):
     """Chains in spawned worker processes are seeded like sequential ones: identical draws, bit for bit
-    (also with the dense mass matrix)."""
+    (also with the dense mass matrix). The parallel run shows its progress: stderr is not a terminal under pytest,
+    so one line per chain and stage (the workers' reports come back through a queue), no bars."""
     model, X, Y, *_ = blr
     kw = {"num_samples": 20, "warmup_steps": 20, "num_chains": 2, "seed": 3, "full_mass": True}
-    seq, par = inf.nuts(model, X, Y, **kw), inf.nuts(model, X, Y, processes=2, **kw)
+    seq, par = inf.nuts(model, X, Y, **kw), inf.nuts(model, X, Y, processes=2, progress=True, **kw)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err  # no bar
+    lines = [line for line in err.splitlines() if line.startswith("nuts: ")]
+    assert lines[0] == "nuts: 2 chain(s) × (20 warm-up + 20 draws), 2 processes side by side"
+    for c in (1, 2):
+        assert sum(f"chain {c}/2: warm-up done (20 steps," in line for line in lines) == 1
+        assert sum(f"chain {c}/2: sampling done (20 draws," in line for line in lines) == 1
+    assert len(lines) == 5
     assert par.diagnostics["processes"] == 2 and seq.diagnostics["processes"] == 1
     assert par.diagnostics["full_mass"] is True
     for k in seq.samples:
         assert torch.equal(seq.samples[k], par.samples[k]), k
     assert par.diagnostics["max_rhat"] == seq.diagnostics["max_rhat"]
+
+
+class _Terminal:
+    """A text stream that says it is a terminal (tqdm draws bars on it)."""
+
+    def __init__(self):
+        self.text = []
+
+    def write(self, s):
+        self.text.append(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_nuts_progress_one_bar_per_chain_position_on_a_terminal_lines_otherwise():
+    import io
+
+    from tqdm import tqdm
+
+    from ppl_kbnn.inference.nuts import _Progress, _progress_mode, _Reporter
+
+    term, log = _Terminal(), io.StringIO()
+    assert _progress_mode(True, term) == "bars" and _progress_mode(True, log) == "lines"
+    assert _progress_mode(False, term) is None and _progress_mode(True, object()) == "lines"
+    # bars: chain c on the c-th free line below the bars already open (here a caller's own bar on line 0)
+    with tqdm(total=1, desc="caller", file=term) as outer:
+        shown = _Progress("bars", 3, warmup=4, draws=6, workers=2, file=term)
+        assert [abs(b.pos) for b in shown.bars] == [abs(outer.pos) + 1 + c for c in range(3)]
+        shown((1, "warmup", 3, 0.5, 0.1))  # chain 2 finished its warm-up
+        shown((2, "sample", 1, 0.9, 0.2))  # chain 3, second draw
+        assert [b.n for b in shown.bars] == [0, 4, 4 + 2] and all(b.total == 10 for b in shown.bars)
+        assert "sampling" in shown.bars[2].desc and "warm-up" in shown.bars[1].desc
+        shown.close()
+    alone = _Progress("bars", 2, warmup=4, draws=6, workers=1, file=term)
+    assert [abs(b.pos) for b in alone.bars] == [0, 1]
+    alone.close()
+    # lines: one per chain and phase end, nothing per iteration
+    shown = _Progress("lines", 2, warmup=4, draws=6, workers=1, file=log)
+    shown((0, "warmup", 3, 0.5, 0.125))
+    shown((0, "sample", 5, 1.25, 0.125))
+    assert log.getvalue().splitlines() == [
+        "nuts: 2 chain(s) × (4 warm-up + 6 draws), one after another",
+        "nuts: chain 1/2: warm-up done (4 steps, 0.5 s, step size 0.125)",
+        "nuts: chain 1/2: sampling done (6 draws, 1.2 s)",
+    ]
+    # the chain side reports every iteration for bars, only each phase's last one for lines
+
+    class Kernel:
+        step_size = 0.25
+
+    for every, expected in ((True, [("warmup", i) for i in range(4)] + [("sample", i) for i in range(6)]),
+                            (False, [("warmup", 3), ("sample", 5)])):  # fmt: skip
+        got = []
+        report = _Reporter(1, warmup=4, draws=6, sink=got.append, every=every)
+        for stage, n in (("Warmup", 4), ("Sample", 6)):
+            for i in range(n):
+                report(Kernel(), stage, i)
+        assert [(e[1], e[2]) for e in got] == expected and {(e[0], e[4]) for e in got} == {(1, 0.25)}
 
 
 @pytest.fixture(scope="module", params=["normal", "lowrank"])

@@ -202,6 +202,38 @@ def test_plot_trace_runs(runs, az):
     plt.close("all")
 
 
+def test_trace_weights_are_the_least_mixed_and_the_figure_is_written(runs, az, tmp_path):
+    """``trace_weights`` picks the scalars with the largest R-hat and the smallest bulk / tail ESS of ``az.summary``
+    (the validate report's trace / rank figure shows them); ``trace_figure`` writes the PNG."""
+    from ppl_kbnn.inference import trace_figure, trace_weights
+
+    idata = runs["idatas"]["nuts"]
+    table = az.summary(idata, kind="all", round_to="none")
+    picked = trace_weights(idata, 4)
+    assert len(picked) == 4 and len({w["weight"] for w in picked}) == 4
+    by = {w["why"]: w for w in picked}
+    assert by["max R-hat"]["weight"] == table["r_hat"].idxmax()
+    assert table["ess_bulk"].idxmin() in {w["weight"] for w in picked}
+    assert table["ess_tail"].idxmin() in {w["weight"] for w in picked}
+    for w in picked:  # the row's statistics and its (site, index) point at the same scalar
+        assert w["r_hat"] == table.loc[w["weight"], "r_hat"] and w["ess_bulk"] == table.loc[w["weight"], "ess_bulk"]
+        draws = idata.posterior[w["site"]].values[(slice(None), slice(None), *w["index"])]  # (C, D)
+        assert draws.shape == (C, D) and w["mean"] == pytest.approx(float(draws.mean()), rel=1e-12)
+    # the same from plain draws {site: (chains, draws, ...)}
+    chains = {k: v.reshape(C, D, *v.shape[1:]) for k, v in runs["results"]["nuts"].samples.items()}
+    assert [w["weight"] for w in trace_weights(chains, 4)] == [w["weight"] for w in picked]
+    assert len(trace_weights(idata, 100)) == 13  # at most every scalar
+    png = tmp_path / "trace.png"
+    trace_figure(idata, picked, png, title="test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    with pytest.raises(ValueError, match="n must be"):
+        trace_weights(idata, 0)
+    with pytest.raises(ValueError, match="2 chains"):
+        trace_weights({k: v[:1] for k, v in chains.items()})
+    with pytest.raises(ValueError, match="nothing to plot"):
+        trace_figure(idata, [], png)
+
+
 def test_to_inference_data_errors(runs):
     model, X, Y = runs["model"], runs["X"], runs["Y"]
     point = inf.retrain(model, X, Y, memory=4, epochs=1, lr=0.01)

@@ -114,6 +114,16 @@ def test_posterior_methods_metrics_and_nuts_convergence(run):
     assert by["kbt-block"]["mean_err_max"] <= 5 * nuts["nuts_mean_mcse_max"]
     assert by["kbt-block"]["log_std_ratio_max"] <= 0.1
     assert (run[0] / sec["figure_mlp"]).stat().st_size > 10_000
+    # trace / rank plots of the NUTS reference's least-mixed weights, linked from posterior.md with their R-hat / ESS
+    shown = nuts["trace_weights"]
+    assert len(shown) == posterior.TRACE_WEIGHTS and shown[0]["why"] == "max R-hat"
+    assert shown[0]["r_hat"] == pytest.approx(nuts["max_rhat"], rel=1e-9)
+    assert min(w["ess_bulk"] for w in shown) == pytest.approx(nuts["min_ess_bulk"], rel=1e-9)
+    assert min(w["ess_tail"] for w in shown) == pytest.approx(nuts["min_ess_tail"], rel=1e-9)
+    assert p["nuts_trace_figure"] == "posterior_nuts_trace_mlp-head.png"
+    assert (run[0] / p["nuts_trace_figure"]).stat().st_size > 10_000
+    md = (run[0] / "posterior.md").read_text()
+    assert f"]({p['nuts_trace_figure']})" in md and f"`{shown[0]['weight']}`" in md
 
 
 def test_unconverged_nuts_fails_the_run_and_says_why(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ from :meth:`InferenceResult.to_inference_data`), and :func:`from_guide` wraps a 
 See docs/inference.md.
 """
 
-from ._arviz import compare, convergence, elpd, ess, rhat, summary
+from ._arviz import compare, convergence, elpd, ess, rhat, summary, trace_figure, trace_weights
 from .laplace import laplace
 from .nuts import nuts
 from .result import InferenceResult, draw_outputs, draws_predictive, from_guide, model_output, tensor_bytes
@@ -33,4 +33,6 @@ __all__ = [
     "summary",
     "svi",
     "tensor_bytes",
+    "trace_figure",
+    "trace_weights",
 ]

@@ -14,6 +14,9 @@ changed that API, and this module is the only place to adapt.
 * :func:`inference_data` assembles an ``az.InferenceData`` from arrays computed elsewhere
   (:meth:`~ppl_kbnn.inference.InferenceResult.to_inference_data`); :func:`compare` is ``az.compare`` of
   several of them on the expected log pointwise predictive density.
+* :func:`trace_weights` picks a handful of scalar weights worth looking at (largest R-hat, smallest bulk and
+  tail ESS) and :func:`trace_figure` draws their ``az.plot_trace`` (density and trace per chain) and
+  ``az.plot_rank`` (rank histograms per chain: flat when the chains mix) into one PNG.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["compare", "convergence", "elpd", "ess", "inference_data", "rhat", "summary"]
+__all__ = ["compare", "convergence", "elpd", "ess", "inference_data", "rhat", "summary", "trace_figure",
+           "trace_weights"]
 
 Draws = Mapping[str, "torch.Tensor | np.ndarray"]
 
@@ -207,3 +211,105 @@ def quiet() -> Iterator[None]:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         yield
+
+
+def _posterior(data: Any) -> Any:
+    """An ``InferenceData`` from an ``InferenceData`` (returned as is) or draws ``{site: (chains, draws, ...)}``."""
+    return data if hasattr(data, "posterior") else _idata(data)
+
+
+def trace_weights(data: Any, n: int = 4) -> list[dict[str, Any]]:
+    """A handful of scalar weights that show how well the chains mixed: the ``n`` distinct ones first met in
+    the order largest R-hat, smallest bulk ESS, smallest tail ESS, second largest R-hat, ... (the worst-mixed
+    directions of the posterior; a reader checks the sampler on them, not on all weights).
+
+    Args:
+        data: an ``InferenceData`` with >= 2 chains or draws ``{site: (chains, draws, ...)}``.
+        n: how many weights (at most the number of scalars).
+
+    Returns:
+        One dict per weight, in that order: ``weight`` (the ``az.summary`` label, e.g. ``"net.2.weight[0, 3]"``),
+        ``site``, ``index`` (tuple into the site), ``why`` (``"max R-hat"``, ``"min bulk ESS"`` or
+        ``"min tail ESS"``, with ``" #k"`` for the k-th in that order), ``mean``, ``sd``, ``r_hat``, ``ess_bulk``,
+        ``ess_tail``.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    idata = _posterior(data)
+    if idata.posterior.sizes["chain"] < 2:
+        raise ValueError("trace_weights needs at least 2 chains (R-hat)")
+    az = _az()
+    table = az.summary(idata, kind="all", round_to="none")  # one row per scalar, labelled "site[i, j]"
+    rows = []
+    for site, da in idata.posterior.data_vars.items():
+        shape = da.shape[2:]
+        for index in np.ndindex(*shape):
+            label = site if not shape else f"{site}[{', '.join(str(i) for i in index)}]"
+            rows.append((label, site, index))
+    if len(rows) != len(table):
+        raise ValueError(f"az.summary gave {len(table)} rows for {len(rows)} scalars")  # labels must line up
+    by_label = {r[0]: r for r in rows}
+    orders = [
+        ("max R-hat", table["r_hat"].sort_values(ascending=False, kind="stable").index),
+        ("min bulk ESS", table["ess_bulk"].sort_values(kind="stable").index),
+        ("min tail ESS", table["ess_tail"].sort_values(kind="stable").index),
+    ]
+    picked: dict[str, str] = {}
+    depth = 0
+    while len(picked) < min(n, len(rows)):
+        for why, order in orders:
+            if len(picked) < n and order[depth] not in picked:
+                picked[order[depth]] = why if depth == 0 else f"{why} #{depth + 1}"
+        depth += 1
+    out = []
+    for label, why in picked.items():
+        row = table.loc[label]
+        _, site, index = by_label[label]
+        out.append({"weight": label, "site": site, "index": tuple(int(i) for i in index), "why": why,
+                    **{k: float(row[k]) for k in ("mean", "sd", "r_hat", "ess_bulk", "ess_tail")}})  # fmt: skip
+    return out
+
+
+def trace_figure(data: Any, weights: list[dict[str, Any]], path: Any, title: str | None = None) -> None:
+    """Write one PNG: a row per weight of ``weights`` (from :func:`trace_weights`) with ``az.plot_trace``'s
+    per-chain density and trace and ``az.plot_rank``'s per-chain rank histogram (uniform when the chains sample
+    the same distribution), the weight's R-hat and ESS in the row title.
+
+    Args:
+        data: the ``InferenceData`` (or draws ``{site: (chains, draws, ...)}``) the weights came from.
+        weights: rows of :func:`trace_weights` (``site``, ``index``, ``weight``, ``r_hat``, ``ess_bulk``,
+            ``ess_tail``).
+        path: the PNG file to write.
+        title: the figure's title.
+    """
+    if not weights:
+        raise ValueError("weights: nothing to plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    idata = _posterior(data)
+    az = _az()
+    # one scalar variable per weight: (chains, draws)
+    chosen = {w["weight"]: np.asarray(idata.posterior[w["site"]].values)[(slice(None), slice(None), *w["index"])]
+              for w in weights}  # fmt: skip
+    small = az.from_dict(posterior=chosen)
+    fig = Figure(figsize=(13, 2.3 * len(weights) + 0.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(weights), 3, squeeze=False)  # density | trace | rank
+    with quiet():
+        az.plot_trace(small, var_names=list(chosen), axes=axes[:, :2], compact=False, legend=False)
+        az.plot_rank(small, var_names=list(chosen), ax=axes[:, 2], kind="bars")
+    for row, w in zip(axes, weights, strict=True):
+        stats = f"R-hat {w['r_hat']:.3f}, ESS bulk {w['ess_bulk']:.0f}, tail {w['ess_tail']:.0f}"
+        row[0].set_title(f"{w['weight']}: {stats}", fontsize=9)  # replaces arviz's title (the label alone)
+        row[1].set_title(f"trace per chain ({w['why']})", fontsize=9)
+        row[1].set_xlabel("draw (after warm-up)", fontsize=8)
+        row[2].set_title("rank histogram per chain (flat when mixed)", fontsize=9)
+        row[2].set_xlabel("rank over all chains", fontsize=8)
+        row[2].set_ylabel("chain", fontsize=8)
+        for ax in row:
+            ax.tick_params(labelsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -46,6 +46,9 @@ split R-hat), min bulk / tail ESS (arviz), divergences, and the Monte-Carlo stan
 predictive mean, ``nuts_mean_mcse_max`` = max over inputs of ``sd_s f(x; θ_s) / √ESS_mean / s*`` (the floor
 below which a mean error is not resolved). ``heldout_compare``: ``az.compare`` of every method's held-out log
 predictive density ``Σ_i log mean_s p(y_i | θ_s)`` (:func:`~ppl_kbnn.inference.compare` with ``heldout=True``).
+``trace_weights`` / ``posterior_nuts_trace_<problem>.png``: the :data:`TRACE_WEIGHTS` weights of the NUTS
+reference with the largest R-hat and the smallest bulk / tail ESS, their ``az.summary`` statistics, and their
+``az.plot_trace`` (density and trace per chain) and ``az.plot_rank`` (rank histogram per chain) in one figure.
 
 Checks: for every problem, NUTS converged: max R-hat ≤ 1.01 and min bulk ESS ≥ 100 (the reference must
 be trustworthy); every method's predictive is finite with ``s > 0``.
@@ -76,7 +79,18 @@ import torch
 from tqdm import tqdm
 
 from ..guide import KalmanGuide
-from ..inference import InferenceResult, compare, ess, from_guide, laplace, model_output, nuts, svi
+from ..inference import (
+    InferenceResult,
+    compare,
+    ess,
+    from_guide,
+    laplace,
+    model_output,
+    nuts,
+    svi,
+    trace_figure,
+    trace_weights,
+)
 from ..model import BayesianModel
 from ..toy import pretrained_mlp, regression_stream, teacher_student_transformer
 
@@ -124,6 +138,7 @@ GUIDES: tuple[tuple[str, str, str], ...] = (
 """Closed-form sequential methods: ``(name, covariance, update)``; each predicts with its matching read-out."""
 N_ORDERS = 6  # stream orders per closed-form method (the given order and 5 random permutations)
 METHODS = ("prior", *(g[0] for g in GUIDES), "svi-normal", "svi-lowrank", "laplace-full", "laplace-kron", "nuts")
+TRACE_WEIGHTS = 4  # weights shown in the trace / rank figure of each NUTS reference (largest R-hat, smallest ESS)
 LAPLACE_STRUCTURES = ("full", "kron")  # Hessian structures of the Laplace rows (all Bayesian weights, marglik prior)
 
 
@@ -174,7 +189,7 @@ def _metrics(mean, std, ref_mean, ref_std, yt) -> dict[str, Any]:
     }
 
 
-def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar: tqdm) -> dict[str, Any]:
+def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar: tqdm, out_dir: Path) -> dict[str, Any]:
     spec = PROBLEMS[name]
     prob = _problem(name, seed, cfg["n_test"])
     model, x, y, xt, yt = prob["model"], prob["x"], prob["y"], prob["xt"], prob["yt"]
@@ -208,6 +223,12 @@ def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar:
         "full_mass": d["full_mass"], "processes": d["processes"],
         "nuts_mean_mcse_max": float(mcse.max()),
     }  # fmt: skip
+    # trace and rank plots of the least-mixed weights (largest R-hat, smallest bulk / tail ESS)
+    chains = {k: v.reshape(NUM_CHAINS, nc["draws"], *v.shape[1:]) for k, v in ref.samples.items()}  # (C, D, ...)
+    info["nuts"]["trace_weights"] = trace_weights(chains, TRACE_WEIGHTS)
+    trace_png = f"posterior_nuts_trace_{name}.png"
+    trace_figure(chains, info["nuts"]["trace_weights"], out_dir / trace_png,
+                 title=f"{name}: NUTS reference, {NUM_CHAINS} chains × {nc['draws']} draws (least-mixed weights)")
     bar.update(1)
 
     # closed form
@@ -271,6 +292,7 @@ def _run_problem(name: str, cfg: dict[str, Any], seed: int, progress: bool, bar:
         "speedup_kbt_block": info["nuts"]["wall_s"] / max(kbt["wall_s"], 1e-12),
         "curve": _curve(predictors, x, y) if name.startswith("mlp") else None,
         "heldout_compare": _heldout_compare(results, xt, yt),
+        "nuts_trace_figure": trace_png,
     }
 
 
@@ -479,6 +501,17 @@ def _markdown(result: dict[str, Any], command: str) -> str:
             f"MC error of its predictive mean ≤ {n['nuts_mean_mcse_max']:.3f} NUTS std. "
             f"NUTS time / KBT-block total update time = {p['speedup_kbt_block']:.0f}.",
             "",
+            f"NUTS trace and rank plots of the {len(n['trace_weights'])} least-mixed weights (largest R-hat, "
+            "smallest bulk / tail ESS; `az.plot_trace`, `az.plot_rank`: the rank histograms are flat when the "
+            f"chains sample the same distribution): [{p['nuts_trace_figure']}]({p['nuts_trace_figure']})",
+            "",
+            "| weight | shown for | mean | sd | R-hat | ESS bulk | ESS tail |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *(f"| `{w['weight']}` | {w['why']} | {w['mean']:.4f} | {w['sd']:.4f} | {w['r_hat']:.4f} "
+              f"| {w['ess_bulk']:.0f} | {w['ess_tail']:.0f} |" for w in n["trace_weights"]),
+            "",
+            f"![{p['problem']}: NUTS trace and rank plots]({p['nuts_trace_figure']})",
+            "",
             "Held-out log predictive density (`az.compare` of Σ_i log mean_s p(y_i | θ_s) on the held-out samples; "
             "dse = standard error of the difference to the best):",
             "",
@@ -588,7 +621,8 @@ def posterior_section(
     Args:
         quick: :data:`QUICK` settings (MLP only) instead of :data:`FULL`.
         seed: base seed of the problems, NUTS chains (``seed``, ``seed + 1``) and SVI.
-        out_dir: folder for ``posterior.json``, ``posterior.md`` and ``posterior.png``.
+        out_dir: folder for ``posterior.json``, ``posterior.md``, ``posterior.png``, ``posterior_mlp.png`` and one
+            ``posterior_nuts_trace_<problem>.png`` per problem (trace and rank plots of the NUTS reference).
         progress: progress bars on stderr (the section's, NUTS's per chain, SVI's).
         command: the command line recorded in the markdown (default: from ``sys.argv``).
         settings: override entries of the chosen settings (``problems``, ``nuts``, ``svi_steps``, ``n_test``).
@@ -609,7 +643,7 @@ def posterior_section(
     torch.set_default_dtype(torch.float64)
     try:
         with tqdm(total=5 * len(cfg["problems"]), desc="posterior", disable=not progress, file=sys.stderr) as bar:
-            problems = [_run_problem(name, cfg, seed, progress, bar) for name in cfg["problems"]]
+            problems = [_run_problem(name, cfg, seed, progress, bar, out_dir) for name in cfg["problems"]]
     finally:
         torch.set_default_dtype(old)
     result: dict[str, Any] = {
