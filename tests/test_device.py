@@ -226,3 +226,32 @@ def test_construction_update_and_predict_create_no_tensor_off_the_belief_device(
         guide.posterior()
     assert not mode.hits, "tensors created without device=:\n" + "\n".join(mode.hits)
     assert guide.belief.device.type == "cpu"
+
+
+# --------------------------------------------------------------------------------------------- validate and bench
+
+
+def test_the_validate_float32_rows_sit_within_the_tolerance_of_float64():
+    from ppl_kbnn.validation.network import CASES
+    from ppl_kbnn.validation.network_section import FLOAT32_TOL, float32_rows
+
+    rows = float32_rows(CASES, (0,), (0.05,), n_updates=(0, 3), n_draws=200, seed=0)
+    assert [(r["updates"], r["dtype"], r["mode"]) for r in rows] == [(0, "float32", "joint"), (3, "float32", "joint")]
+    for r in rows:
+        assert 0 < r["rel_mean_diff"] <= FLOAT32_TOL and 0 < r["rel_std_diff"] <= FLOAT32_TOL  # rounded, not equal
+        assert r["mean_err"] < 1.0 and 0.5 < r["std_ratio_min"] <= r["std_ratio_max"] < 2.0  # 200 draws: loose
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bench_device_cuda_is_skipped_with_a_message_without_cuda(tmp_path, capsys):
+    from ppl_kbnn.bench import check_device, run_bench
+    from ppl_kbnn.cli import main
+
+    assert main(["bench", "--device", "cuda", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and "CUDA is not available" in err and not (tmp_path / "b").exists()
+    assert main(["bench", "--device", "tpu", "--out", str(tmp_path / "b")]) == 2
+    assert "--device: device must be 'cpu' or 'cuda'" in capsys.readouterr().err
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run_bench(out_dir=tmp_path / "c", device="cuda")
