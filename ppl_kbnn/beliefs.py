@@ -72,7 +72,8 @@ class Layout:
     Attributes:
         sites: ``[(name, shape)]`` in model order; ``offsets[name]`` their start in ``θ``; ``dim`` = ``D``.
         slots: the linear maps (:class:`LinearSlot`); ``index[l]`` ``(d_out, p)`` the flat position of every
-            row entry of map ``l`` (``-1`` for a fixed entry), ``mask[l] = index[l] >= 0``.
+            row entry of map ``l`` (``-1`` for a fixed entry), ``mask[l] = index[l] >= 0``. The index is structure,
+            kept on the CPU; :meth:`index_on` gives (and caches) its copy on a belief's device.
     """
 
     def __init__(self, priors: dict[str, tuple[torch.Tensor, torch.Tensor]], slots: Sequence[LinearSlot]) -> None:

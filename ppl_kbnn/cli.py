@@ -338,7 +338,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
             check_device(args.device)
         except ValueError as err:
             if not str(args.device).startswith("cuda") or "not available" not in str(err):
-                print(f"ppl-kbnn bench: error: --device: {err}", file=sys.stderr)
+                print(f"ppl-kbnn bench: error: --device: {err} (see ppl-kbnn bench --help)", file=sys.stderr)
                 return 2
             print(f"ppl-kbnn bench: skipped: {err}; nothing was run", file=sys.stderr)  # never required: exit 0
             return 0

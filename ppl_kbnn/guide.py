@@ -193,6 +193,11 @@ class KalmanGuide(PyroModule):
     The belief is :attr:`belief` (a :class:`~ppl_kbnn.beliefs.Belief`); :meth:`layer` / :meth:`set_layer` read
     and set one linear map's rows. Fixed (non-Bayesian) entries have zero variance and never move.
 
+    Devices and dtypes: the belief is made in the model's dtype and on its device; ``guide.to(device, dtype)`` (and
+    ``float()``, ``double()``, ``cuda()``) moves the belief, the noise and prior-scale candidates, and the model's
+    network and priors together (the model is shared: a second guide on the same model must be moved too).
+    :attr:`dtype` and :attr:`device` are the belief's; inputs and targets must match them (``ValueError``).
+
     Threads: the updates are many small tensor operations; for small networks ``torch.set_num_threads(1)``
     is often several times faster than the default on a busy machine (measured: 65× less CPU per update of the
     tiny transformer on a loaded 2-core machine). ``update`` warns once per process when the thread count
