@@ -255,3 +255,36 @@ def test_bench_device_cuda_is_skipped_with_a_message_without_cuda(tmp_path, caps
     assert check_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA is not available"):
         run_bench(out_dir=tmp_path / "c", device="cuda")
+
+
+class _Float64Tensors(TorchDispatchMode):
+    """Records the ops that produce a float64 tensor (a float32 guide's update should produce none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and len(self.hits) < 3:
+                self.hits.append(f"{func}:\n" + "".join(traceback.format_stack(limit=8)[:-1]))
+        return out
+
+
+@pytest.mark.parametrize("net,kw", [c for c in CASES if c[1].get("update") != "slr"],
+                         ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in CASES if k.get("update") != "slr"])
+def test_a_float32_guide_computes_in_float32(net, kw):
+    """No float64 intermediate in a float32 update or prediction (``slr`` draws its normals in float64 on purpose)."""
+    nets = {"mlp": mlp, "tf": tiny_tf, "dt": tiny_dt}
+    guide = pk.KalmanGuide(pk.BayesianModel(nets[net](), 0.3, 0.1), **kw).float()
+    x, y = data(net, 2)
+    x, y = cast(x, torch.float32), y.float()
+    mode = _Float64Tensors()
+    with warnings.catch_warnings(), mode:
+        warnings.simplefilter("ignore", OutlierWarning)
+        guide.update(x, y)
+        for method in ("moments", "linearised"):
+            if method != "moments" or guide.update_rule == "kbnn":
+                guide.predict(x, method)
+    assert not mode.hits, "float64 tensors in a float32 guide:\n" + "\n".join(mode.hits)
