@@ -101,7 +101,7 @@ class Layout:
 
     def index_on(self, layer: int, device: torch.device) -> torch.Tensor:
         """``index[layer]`` on ``device`` (copied once per device, then cached)."""
-        key = (layer, torch.device(device))
+        key = (layer, device)
         idx = self._placed.get(key)
         if idx is None:
             idx = self._placed[key] = self.index[layer].to(device)
@@ -147,13 +147,13 @@ class Belief(nn.Module):
     # -- views -----------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        """The floating-point dtype of the state (follows ``.to()``)."""
-        return next(b for b in self.buffers() if b.is_floating_point()).dtype
+        """The floating-point dtype of the state (follows ``.to()``; read from the first buffer, a state tensor)."""
+        return next(iter(self._buffers.values())).dtype
 
     @property
     def device(self) -> torch.device:
-        """The device of the state (follows ``.to()``)."""
-        return next(b for b in self.buffers() if b.is_floating_point()).device
+        """The device of the state (follows ``.to()``; read from the first buffer)."""
+        return next(iter(self._buffers.values())).device
 
     @property
     def mean(self) -> torch.Tensor:

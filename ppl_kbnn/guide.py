@@ -326,15 +326,20 @@ class KalmanGuide(PyroModule):
 
     # ------------------------------------------------------------------ device and dtype
 
+    def _state(self) -> torch.Tensor:
+        """The belief's first state tensor (a direct dict lookup: these checks run on every update)."""
+        belief = self.__dict__.get("belief") or self._modules["belief"]
+        return next(iter(belief._buffers.values()))
+
     @property
     def dtype(self) -> torch.dtype:
         """The floating-point dtype of the belief (inputs and targets must have it)."""
-        return self.belief.dtype
+        return self._state().dtype
 
     @property
     def device(self) -> torch.device:
         """The device of the belief (inputs and targets must be on it)."""
-        return self.belief.device
+        return self._state().device
 
     def _apply(self, fn, recurse: bool = True):
         """``to`` / ``float`` / ``double`` / ``cuda``: the beliefs (weights, noise, prior candidates) are the guide's
