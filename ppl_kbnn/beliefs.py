@@ -72,7 +72,8 @@ class Layout:
     Attributes:
         sites: ``[(name, shape)]`` in model order; ``offsets[name]`` their start in ``θ``; ``dim`` = ``D``.
         slots: the linear maps (:class:`LinearSlot`); ``index[l]`` ``(d_out, p)`` the flat position of every
-            row entry of map ``l`` (``-1`` for a fixed entry), ``mask[l] = index[l] >= 0``.
+            row entry of map ``l`` (``-1`` for a fixed entry), ``mask[l] = index[l] >= 0``. The index is structure,
+            kept on the CPU; :meth:`index_on` gives (and caches) its copy on a belief's device.
     """
 
     def __init__(self, priors: dict[str, tuple[torch.Tensor, torch.Tensor]], slots: Sequence[LinearSlot]) -> None:
@@ -86,16 +87,25 @@ class Layout:
         self.slots = list(slots)
         self.index: list[torch.Tensor] = []
         for s in self.slots:
-            idx = torch.full((s.d_out, s.d_in + int(s.bias)), -1, dtype=torch.long)
+            idx = torch.full((s.d_out, s.d_in + int(s.bias)), -1, dtype=torch.long, device="cpu")  # structure: CPU
             if s.weight_site is not None:
                 o = self.offsets[s.weight_site]
-                idx[:, : s.d_in] = torch.arange(o, o + s.d_out * s.d_in).reshape(s.d_out, s.d_in)
+                idx[:, : s.d_in] = torch.arange(o, o + s.d_out * s.d_in, device="cpu").reshape(s.d_out, s.d_in)
             if s.bias_site is not None:
                 o = self.offsets[s.bias_site]
-                idx[:, s.d_in] = torch.arange(o, o + s.d_out)
+                idx[:, s.d_in] = torch.arange(o, o + s.d_out, device="cpu")
             self.index.append(idx)
+        self._placed: dict[tuple[int, torch.device], torch.Tensor] = {}  # index[l] copied to a device, on first use
         covered = sum(int((i >= 0).sum()) for i in self.index)
         self.covers_all = covered == self.dim  # every Bayesian weight sits in a linear map
+
+    def index_on(self, layer: int, device: torch.device) -> torch.Tensor:
+        """``index[layer]`` on ``device`` (copied once per device, then cached)."""
+        key = (layer, device)
+        idx = self._placed.get(key)
+        if idx is None:
+            idx = self._placed[key] = self.index[layer].to(device)
+        return idx
 
     def split(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """``θ`` ``(..., D)`` -> ``{site: (..., *shape)}``."""
@@ -108,7 +118,7 @@ class Layout:
 
     def gather(self, flat: torch.Tensor, layer: int) -> torch.Tensor:
         """Rows of map ``layer`` from a flat ``(D, ...)`` tensor: ``(d_out, p, ...)``, zero at fixed entries."""
-        idx = self.index[layer].to(flat.device)
+        idx = self.index_on(layer, flat.device)
         out = flat[idx.clamp_min(0)]
         mask = (idx >= 0).reshape(*idx.shape, *([1] * (flat.dim() - 1)))
         return out * mask.to(out.dtype)
@@ -116,9 +126,10 @@ class Layout:
     def scatter(self, rows: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """A flat ``(D, ...)`` tensor from every map's ``(d_out, p, ...)`` rows (fixed entries dropped)."""
         out = torch.zeros(self.dim, *rows[0].shape[2:], dtype=like.dtype, device=like.device)
-        for idx, r in zip(self.index, rows, strict=True):
+        for layer, r in enumerate(rows):
+            idx = self.index_on(layer, like.device)
             m = idx >= 0
-            out[idx[m].to(like.device)] = r[m.to(r.device)]
+            out[idx[m]] = r[m.to(r.device)]
         return out
 
 
@@ -134,6 +145,16 @@ class Belief(nn.Module):
         self.layout, self.guards = layout, guards
 
     # -- views -----------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the state (follows ``.to()``; read from the first buffer, a state tensor)."""
+        return next(iter(self._buffers.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the state (follows ``.to()``; read from the first buffer)."""
+        return next(iter(self._buffers.values())).device
+
     @property
     def mean(self) -> torch.Tensor:
         """``μ`` ``(D,)``."""
@@ -151,7 +172,8 @@ class Belief(nn.Module):
         """Map ``index``'s rows: mean ``(d_out, p)`` and the per-row covariance blocks ``(d_out, p, p)`` (the
         marginal blocks of ``P``; diagonal structures give ``(d_out, p)``)."""
         P = self.dense_cov()
-        idx, mask = self.layout.index[index], self.layout.index[index] >= 0
+        idx = self.layout.index_on(index, P.device)
+        mask = idx >= 0
         c = idx.clamp_min(0)
         block = P[c[:, :, None], c[:, None, :]] * (mask[:, :, None] & mask[:, None, :]).to(P.dtype)
         return self.layout.gather(self.mean, index), block
@@ -205,12 +227,15 @@ class Belief(nn.Module):
 
     def _normals(self, n: int, generator: torch.Generator | None, antithetic: bool) -> torch.Tensor:
         k, like = self._n_normals(), self.mean
+        # drawn (and whitened) in float64 and rounded to the belief's dtype: a float32 belief sees the float64 draws
+        work = like.dtype if like.device.type == "mps" else torch.float64  # (MPS has no float64)
         if not antithetic:
-            return torch.randn(n, k, generator=generator, dtype=like.dtype, device=like.device)
-        half = torch.randn(n // 2, k, generator=generator, dtype=like.dtype, device=like.device)
+            return torch.randn(n, k, generator=generator, dtype=work, device=like.device).to(like.dtype)
+        half = torch.randn(n // 2, k, generator=generator, dtype=work, device=like.device)
         if n // 2 > k:  # whiten: [h; -h]ᵀ[h; -h] = (n - 1) I
             L = torch.linalg.cholesky(2 * half.mT @ half / (n - 1))
             half = torch.linalg.solve_triangular(L, half.mT, upper=False).mT
+        half = half.to(like.dtype)
         return torch.cat([half, -half])
 
     # -- distributions, size, identity ------------------------------------------------------------
@@ -273,7 +298,8 @@ class _RowBelief(Belief):
         if not layout.covers_all:
             raise ValueError(f"covariance={self.key!r} holds Linear weights only; use 'full' or 'lowrank' for other "
                              "Bayesian parameters")  # fmt: skip
-        for slot, idx, f in zip(layout.slots, layout.index, fixed, strict=True):
+        for slot, f in zip(layout.slots, fixed, strict=True):
+            idx = layout.index_on(slot.index, loc.device)
             mask = idx >= 0
             mean = torch.where(mask, loc[idx.clamp_min(0)], f)
             v = torch.where(mask, var[idx.clamp_min(0)], torch.zeros_like(f))

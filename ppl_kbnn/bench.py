@@ -50,7 +50,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,8 @@ class BenchSettings:
         threads: ``torch.set_num_threads`` for the whole run (restored afterwards).
         mlp_hidden, mlp_prior_scale, mlp_obs_noise: the small MLP ``Linear(1, h) → ReLU → Linear(h, 1)``.
         mlp_repeats: timed calls per method of the MLP loop (after ``warmup`` untimed rounds).
+        device: where the networks, beliefs and samples live (``"cpu"``, ``"cuda"``); the samples are drawn on the
+            CPU and moved, so every device sees the same numbers. On CUDA every timed call ends with a synchronise.
     """
 
     state_dim: int = 4
@@ -153,6 +155,7 @@ class BenchSettings:
     mlp_prior_scale: float = 0.1
     mlp_obs_noise: float = 0.1
     mlp_repeats: int = 2000
+    device: str = "cpu"
 
     @classmethod
     def full(cls) -> BenchSettings:
@@ -225,8 +228,21 @@ def _problem(s: BenchSettings, *, d_model: int, n_layer: int, context: int, dtyp
     }
     with torch.no_grad():
         y = net(**x)[:, -1] + 0.1 * torch.randn(n, s.act_dim, generator=g, dtype=dtype)
+    net, x, y = net.to(s.device), {k: v.to(s.device) for k, v in x.items()}, y.to(s.device)
     model = BayesianModel(net, prior_scale=s.prior_scale, obs_noise=s.obs_noise, bayesian="all")
     return _Problem(net, model, x, y)
+
+
+def _synced(fn: Callable[[int], None], device: torch.device) -> Callable[[int], None]:
+    """``fn`` followed by a CUDA synchronise on a CUDA device (so a timed call includes its kernels)."""
+    if device.type != "cuda":
+        return fn
+
+    def call(i: int) -> None:
+        fn(i)
+        torch.cuda.synchronize(device)
+
+    return call
 
 
 def _adamw_step(p: _Problem, lr: float) -> tuple[Callable[[int], None], Callable[[], int]]:
@@ -241,7 +257,7 @@ def _adamw_step(p: _Problem, lr: float) -> tuple[Callable[[int], None], Callable
         loss.backward()
         opt.step()
 
-    return step, lambda: tensor_bytes(opt.state_dict()["state"])
+    return _synced(step, p.y.device), lambda: tensor_bytes(opt.state_dict()["state"])
 
 
 def _kbt_update(p: _Problem, covariance: str, hidden: str) -> tuple[Callable[[int], None], KalmanGuide]:
@@ -250,7 +266,7 @@ def _kbt_update(p: _Problem, covariance: str, hidden: str) -> tuple[Callable[[in
     def update(i: int) -> None:
         guide.update(*p.sample(i))
 
-    return update, guide
+    return _synced(update, p.y.device), guide
 
 
 def _block_bytes(p: _Problem) -> int:
@@ -397,6 +413,7 @@ def _mlp(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed + 1)
     x = 2.0 * torch.randn(n, 1, generator=g, dtype=torch.float64)
     y = torch.sin(x) + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    net, x, y = net.to(s.device), x.to(s.device), y.to(s.device)
     model = BayesianModel(net, prior_scale=s.mlp_prior_scale, obs_noise=s.mlp_obs_noise)
     p = _Problem(net, model, x, y)
     adamw, adamw_bytes = _adamw_step(p, s.adamw_lr)
@@ -823,6 +840,21 @@ def _environment(threads: int) -> dict[str, Any]:
     return env
 
 
+def check_device(device: str) -> torch.device:
+    """The benchmark's device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``; ``ValueError`` naming the problem when it is
+    not one of those or CUDA is not available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch.cuda.is_available() is "
+                         "False)")  # fmt: skip
+    return dev
+
+
 def _load() -> str:
     try:
         return "/".join(f"{v:.2f}" for v in os.getloadavg())
@@ -838,6 +870,7 @@ def run_bench(
     progress: bool = True,
     command: str = "ppl-kbnn bench",
     settings: BenchSettings | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Run every section, write ``bench.json``, ``bench.md`` and the PNGs into ``out_dir``; return the report.
 
@@ -848,8 +881,13 @@ def run_bench(
         progress: log each step to stderr.
         command: the command line recorded in the report.
         settings: explicit settings (override ``quick``).
+        device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``): overrides ``settings.device``. ``ValueError`` when CUDA is
+            asked for and not available (:func:`check_device`).
     """
     s = settings if settings is not None else (BenchSettings.quick() if quick else BenchSettings.full())
+    if device is not None:
+        s = replace(s, device=device)
+    check_device(s.device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _Log(progress)
@@ -869,6 +907,7 @@ def run_bench(
     finally:
         torch.set_num_threads(old_threads)
     env = _environment(s.threads)
+    env["device"] = s.device if s.device == "cpu" else f"{s.device} ({torch.cuda.get_device_name(s.device)})"
     env["load_average_start"], env["load_average_end"] = load_start, _load()
     report = {
         "version": __version__,

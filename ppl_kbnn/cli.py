@@ -9,7 +9,7 @@ sections at every seed (:func:`ppl_kbnn.sweep.validate_sweep`): ``DIR/seed_<s>/`
 
 ``ppl-kbnn pendulum [--quick] [--seed N] [--out DIR]`` runs the pendulum study
 (:func:`ppl_kbnn.pendulum.run_study`: ``results.json``, ``results.md``, PNGs);
-``ppl-kbnn bench [--quick] [--out DIR]`` the benchmarks (:func:`ppl_kbnn.bench.run_bench`:
+``ppl-kbnn bench [--quick] [--device cpu|cuda] [--out DIR]`` the benchmarks (:func:`ppl_kbnn.bench.run_bench`:
 ``bench.json``, ``bench.md``, PNGs).
 
 Conventions of every command: results (the summary lines, the paths of the reports) go to stdout,
@@ -382,6 +382,10 @@ def _parser() -> argparse.ArgumentParser:
                 help=f"sections to run (default all: {', '.join(SECTIONS)})",
             )  # fmt: skip
             _sweep_arguments(p, seed_args)
+        if name == "bench":
+            p.add_argument("--device", default="cpu", metavar="DEVICE",
+                           help="where the networks and beliefs live: cpu (default) or cuda (skipped with a message "
+                                "when CUDA is not available)")  # fmt: skip
         p.add_argument("--no-progress", action="store_true",
                        help="no progress on stderr (the result lines on stdout stay)")  # fmt: skip
     return parser
@@ -414,6 +418,17 @@ def _run(args: argparse.Namespace, command: str) -> int:
         verdict = "all passed" if not failed else f"{len(failed)} failed"
         print(f"{n_checks} checks, {verdict}; report: {args.out / 'report.md'}")
         return 0 if not failed else 1
+    if args.command == "bench":
+        from .bench import check_device
+
+        try:
+            check_device(args.device)
+        except ValueError as err:
+            if not str(args.device).startswith("cuda") or "not available" not in str(err):
+                print(f"ppl-kbnn bench: error: --device: {err} (see ppl-kbnn bench --help)", file=sys.stderr)
+                return 2
+            print(f"ppl-kbnn bench: skipped: {err}; nothing was run", file=sys.stderr)  # never required: exit 0
+            return 0
     prepare_out_dir(args.out, OUTPUTS[args.command])
     if args.command == "pendulum":
         from .pendulum import run_study
@@ -425,7 +440,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
     from .bench import run_bench
 
-    run_bench(out_dir=args.out, quick=args.quick, seed=args.seed, progress=progress, command=command)
+    run_bench(out_dir=args.out, quick=args.quick, seed=args.seed, progress=progress, command=command,
+              device=args.device)  # fmt: skip
     print(f"results: {args.out / 'bench.md'}")
     return 0
 

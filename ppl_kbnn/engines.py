@@ -250,10 +250,11 @@ class KBNNTransformer(Engine):
                 grads = [None if gr is None else gr[None]
                          for gr in torch.autograd.grad(mu[0], list(leaves.values()), allow_unused=True)]  # fmt: skip
             else:  # every output's gradient in one batched backward pass (vmap over the rows of I_m)
-                grads = torch.autograd.grad(mu, list(leaves.values()), grad_outputs=torch.eye(m, dtype=mu.dtype),
-                                            is_grads_batched=True, allow_unused=True)  # fmt: skip
+                eye = torch.eye(m, dtype=mu.dtype, device=mu.device)
+                grads = torch.autograd.grad(mu, list(leaves.values()), grad_outputs=eye, is_grads_batched=True,
+                                            allow_unused=True)  # fmt: skip
         jacs = {
-            s.module: torch.zeros(m, *leaves[s.module].shape, dtype=mu.dtype) if gr is None else gr
+            s.module: torch.zeros(m, *leaves[s.module].shape, dtype=mu.dtype, device=mu.device) if gr is None else gr
             for s, gr in zip(slots, grads, strict=True)
         }  # (m, rows, p)
         return mu.detach(), full_cov(out, prop.kind)[0], jacs

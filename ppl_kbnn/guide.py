@@ -193,6 +193,11 @@ class KalmanGuide(PyroModule):
     The belief is :attr:`belief` (a :class:`~ppl_kbnn.beliefs.Belief`); :meth:`layer` / :meth:`set_layer` read
     and set one linear map's rows. Fixed (non-Bayesian) entries have zero variance and never move.
 
+    Devices and dtypes: the belief is made in the model's dtype and on its device; ``guide.to(device, dtype)`` (and
+    ``float()``, ``double()``, ``cuda()``) moves the belief, the noise and prior-scale candidates, and the model's
+    network and priors together (the model is shared: a second guide on the same model must be moved too).
+    :attr:`dtype` and :attr:`device` are the belief's; inputs and targets must match them (``ValueError``).
+
     Threads: the updates are many small tensor operations; for small networks ``torch.set_num_threads(1)``
     is often several times faster than the default on a busy machine (measured: 65× less CPU per update of the
     tiny transformer on a loaded 2-core machine). ``update`` warns once per process when the thread count
@@ -292,21 +297,21 @@ class KalmanGuide(PyroModule):
             self.candidates = nn.ModuleList(
                 [belief_cls(layout, loc, torch.full_like(var, s * s), self.guards, fixed=fixed, **low)
                  for s in PRIOR_GRID])  # fmt: skip
-            self.register_buffer("prior_log_evidence", torch.zeros(len(PRIOR_GRID), dtype=loc.dtype))
+            self.register_buffer("prior_log_evidence", torch.zeros(len(PRIOR_GRID), dtype=loc.dtype,
+                                                                   device=loc.device))
             self.prior_choice: int | None = None  # index into PRIOR_GRID once frozen
             self.__dict__["belief"] = self.candidates[0]
         else:
             self.candidates = None
             self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
-        self.dtype = loc.dtype
         self.noise_candidates = None
         if obs_noise == "auto" and self.candidates is not None:  # one noise belief per candidate prior scale
             self.noise_candidates = nn.ModuleList(
-                [NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype) for _ in PRIOR_GRID]
+                [NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, device=loc.device) for _ in PRIOR_GRID]
             )
             self.__dict__["noise"] = self.noise_candidates[0]
         elif obs_noise == "auto":
-            self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype)
+            self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, device=loc.device)
         else:
             self.noise = None
         opts = {} if update != "slr" else {"draws": draws, "seed": seed}
@@ -318,6 +323,39 @@ class KalmanGuide(PyroModule):
         self._moments = (KBNNTransformer if self.transformer else KBNNChain)(self)
         self.__dict__["_network"] = None  # built on first use (a deterministic copy of the network)
         self.__dict__["_model"] = model
+
+    # ------------------------------------------------------------------ device and dtype
+
+    def _state(self) -> torch.Tensor:
+        """The belief's first state tensor (a direct dict lookup: these checks run on every update)."""
+        belief = self.__dict__.get("belief") or self._modules["belief"]
+        return next(iter(belief._buffers.values()))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the belief (inputs and targets must have it)."""
+        return self._state().dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the belief (inputs and targets must be on it)."""
+        return self._state().device
+
+    def _apply(self, fn, recurse: bool = True):
+        """``to`` / ``float`` / ``double`` / ``cuda``: the beliefs (weights, noise, prior candidates) are the guide's
+        buffers; the model's network and priors move with them (the model is shared with the guide, not a
+        submodule: its Pyro site names must stay the model's own)."""
+        super()._apply(fn, recurse)
+        self._model._apply(fn, recurse)
+        self.__dict__["_network"] = None  # the deterministic copy of the network is rebuilt on the new device/dtype
+        return self
+
+    def _check_placement(self) -> None:
+        """The model must sit where the belief sits (moved together by :meth:`to`)."""
+        model = self._model
+        if model.dtype != self.dtype or model.device != self.device:
+            raise ValueError(f"the model ({model.dtype}, {model.device}) and the belief ({self.dtype}, {self.device}) "
+                             "differ: move them together with guide.to(device, dtype)")  # fmt: skip
 
     # ------------------------------------------------------------------ structure
 
@@ -435,6 +473,8 @@ class KalmanGuide(PyroModule):
                 raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
             if not t.is_floating_point() and name not in ("timesteps", "attention_mask"):
                 raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name}: device {t.device} does not match the belief's {self.device}")
             if t.is_floating_point():
                 check_tensor(name, t)  # finite
             if t.is_floating_point() and t.dtype != self.dtype:
@@ -455,6 +495,8 @@ class KalmanGuide(PyroModule):
         return x, n
 
     def _check_seq_y(self, y: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+        if isinstance(y, torch.Tensor) and y.device != self.device:
+            raise ValueError(f"y: device {y.device} does not match the belief's {self.device}")
         check_tensor("y", y)
         if y.dtype != self.dtype:
             raise ValueError(f"y: dtype {y.dtype} does not match the belief's {self.dtype}")
@@ -474,6 +516,8 @@ class KalmanGuide(PyroModule):
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
         d_in = self._linears[0].d_in
+        if isinstance(x, torch.Tensor) and x.device != self.device:
+            raise ValueError(f"x: device {x.device} does not match the belief's {self.device}")
         check_tensor("x", x)
         if x.dtype != self.dtype:
             raise ValueError(f"x: dtype {x.dtype} does not match the belief's {self.dtype}")
@@ -485,6 +529,8 @@ class KalmanGuide(PyroModule):
 
     def _check_y(self, y: torch.Tensor, n: int) -> torch.Tensor:
         d_out = self._linears[-1].d_out
+        if isinstance(y, torch.Tensor) and y.device != self.device:
+            raise ValueError(f"y: device {y.device} does not match the belief's {self.device}")
         check_tensor("y", y)
         if y.dtype != self.dtype:
             raise ValueError(f"y: dtype {y.dtype} does not match the belief's {self.dtype}")
@@ -514,6 +560,7 @@ class KalmanGuide(PyroModule):
         method = self.engine.readout if method is None else method
         if method not in READOUTS:
             raise ValueError(f"method must be one of {READOUTS}, got {method!r}")
+        self._check_placement()
         if self.transformer:
             x, _ = self._check_seq_x(x)
         else:
@@ -538,6 +585,7 @@ class KalmanGuide(PyroModule):
         update produces a non-finite belief; in both cases, and on any interruption (``KeyboardInterrupt``
         included), the belief, ``n_updates`` and ``guard_counts`` are left exactly as they were.
         """
+        self._check_placement()
         if self.transformer:
             x, n = self._check_seq_x(x)
             y = self._check_seq_y(y, self._out_shape(x, n))

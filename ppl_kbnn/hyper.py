@@ -90,11 +90,12 @@ class NoiseBelief(nn.Module):
     """Inverse-Gamma belief ``IG(α_k, β_k)`` over each output's noise variance (module docstring); buffers
     ``alpha``, ``beta`` ``(d_out,)``, so it is part of the guide's ``state_dict``."""
 
-    def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0) -> None:
+    def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0, *,
+                 device: torch.device | str | None = None) -> None:  # fmt: skip
         super().__init__()
         self.alpha0 = float(alpha0)
-        self.register_buffer("alpha", torch.full((d_out,), self.alpha0, dtype=dtype))
-        self.register_buffer("beta", torch.full((d_out,), self.alpha0 * prior_std**2, dtype=dtype))
+        self.register_buffer("alpha", torch.full((d_out,), self.alpha0, dtype=dtype, device=device))
+        self.register_buffer("beta", torch.full((d_out,), self.alpha0 * prior_std**2, dtype=dtype, device=device))
 
     @property
     def var(self) -> torch.Tensor:

@@ -105,18 +105,20 @@ def _selector(bayesian: BayesianSpec, net: nn.Module, module_names: set[str]) ->
 
 
 class _Prior:
-    """``N(loc, scale²)`` over a whole parameter, built afresh on every access.
+    """``N(loc, scale²)`` over a whole parameter, read from the model's prior buffers on every access.
 
-    A fresh (cloned) ``loc`` each time keeps the model's prior immutable: Pyro's ``init_to_mean``
-    hands the prior's own ``loc`` tensor to autoguides (``AutoNormal``), which would otherwise wrap it
-    in a parameter and move the prior in place during SVI.
+    The buffers (``prior_loc_k``, ``prior_scale_k`` of the :class:`BayesianModel`) are read at sampling time, so
+    ``model.to(device, dtype)`` moves the prior with the network. A fresh (cloned) ``loc`` each time keeps the
+    model's prior immutable: Pyro's ``init_to_mean`` hands the prior's own ``loc`` tensor to autoguides
+    (``AutoNormal``), which would otherwise wrap it in a parameter and move the prior in place during SVI.
     """
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
-        self.loc, self.scale = loc, scale
+    def __init__(self, owner: BayesianModel, k: int) -> None:
+        self.owner, self.k = owner, k
 
     def __call__(self, module: nn.Module) -> dist.Distribution:
-        return dist.Normal(self.loc.clone(), self.scale).to_event(self.loc.dim())
+        loc, scale = self.owner._prior(self.k)
+        return dist.Normal(loc.clone(), scale).to_event(loc.dim())
 
 
 class BayesianModel(PyroModule):
@@ -140,7 +142,11 @@ class BayesianModel(PyroModule):
 
     Attributes:
         net: the Pyro version of the network (Bayesian parameters are ``PyroSample`` sites).
-        priors: ``{site_name: (loc, scale)}`` of every Bayesian site, site names as in Pyro traces.
+        priors: ``{site_name: (loc, scale)}`` of every Bayesian site, site names as in Pyro traces (read from the
+            registered buffers ``prior_loc_k`` / ``prior_scale_k``, so they follow ``model.to(device, dtype)``).
+
+    Devices and dtypes: the network is a registered submodule and the priors are buffers, so ``model.to(...)``,
+    ``model.float()`` and ``model.double()`` move all of it; the model's dtype is that of its priors.
     """
 
     def __init__(
@@ -172,7 +178,7 @@ class BayesianModel(PyroModule):
         select = _selector(bayesian, net, module_names)
         to_pyro_module_(net)
         self.net = net
-        self.priors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sites: list[str] = []  # Bayesian site names, in network order; priors in buffers prior_{loc,scale}_k
         for full, value in params.items():
             mod_name, _, par = full.rpartition(".")
             module = net.get_submodule(mod_name) if mod_name else net
@@ -180,8 +186,9 @@ class BayesianModel(PyroModule):
             delattr(module, par)
             if select(mod_name, par):
                 scale = self._scale(prior_scale, mod_name, value)
+                k = len(self._sites)
                 try:
-                    module.__setattr__(par, PyroSample(_Prior(value, scale)))
+                    module.__setattr__(par, PyroSample(_Prior(self, k)))
                 except (AttributeError, TypeError, RuntimeError) as err:  # e.g. nn.LSTM's flat weight list
                     torch_cls = next(c for c in type(module).__mro__ if not issubclass(c, PyroModule))
                     raise ValueError(
@@ -189,10 +196,12 @@ class BayesianModel(PyroModule):
                         f"random: {torch_cls.__name__} does not read its weights as plain attributes ({err}); keep "
                         "that module fixed (choose the Bayesian subset with bayesian=...)"
                     ) from err
-                self.priors[f"net.{full}"] = (value, scale)
+                self.register_buffer(f"prior_loc_{k}", value)
+                self.register_buffer(f"prior_scale_{k}", scale)
+                self._sites.append(f"net.{full}")
             else:
                 module.register_buffer(par, value)
-        if not self.priors:
+        if not self._sites:
             raise ValueError(f"bayesian={bayesian!r} selects no parameter; parameters: {sorted(params)}")
 
     @staticmethod
@@ -207,10 +216,29 @@ class BayesianModel(PyroModule):
             s = real_arg("prior_scale", prior_scale, strict=True)
         return torch.full_like(value, s)
 
+    def _prior(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` buffers of Bayesian site ``k``."""
+        return self._buffers[f"prior_loc_{k}"], self._buffers[f"prior_scale_{k}"]
+
+    @property
+    def priors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{site_name: (loc, scale)}`` of every Bayesian site, in network order (the prior buffers themselves)."""
+        return {site: self._prior(k) for k, site in enumerate(self._sites)}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the model (its priors')."""
+        return self._buffers["prior_loc_0"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model (its priors')."""
+        return self._buffers["prior_loc_0"].device
+
     @property
     def site_names(self) -> list[str]:
         """Names of the Bayesian sites, in network order."""
-        return list(self.priors)
+        return list(self._sites)
 
     def output(self, x: Input) -> torch.Tensor:
         """The observed network output for inputs ``x`` (current weights): ``(N, d_out)`` for

@@ -408,7 +408,7 @@ class Propagator:
         mask = valid_pairs(T, device=x.device)  # (T, T)
         for i in range(len(net.blocks)):
             h = self.block(h, f"blocks.{i}", mask)
-        idx = torch.arange(T - 1, T) if self.observe == "last" else torch.arange(T)
+        idx = torch.arange(T - 1 if self.observe == "last" else 0, T, device=x.device)
         return self._head(self.select(h, idx), net.ln_f, "head", net.out_act is not None)
 
     def _decision_transformer(
@@ -434,7 +434,7 @@ class Propagator:
         mask = valid_pairs(3 * K, key_padding=key_padding, device=states.device)
         for i in range(len(net.blocks)):
             h = self.block(h, f"blocks.{i}", mask)
-        state_tokens = torch.arange(1, 3 * K, 3)
+        state_tokens = torch.arange(1, 3 * K, 3, device=states.device)
         idx = state_tokens[-1:] if self.observe == "last" else state_tokens
         return self._head(self.select(h, idx), net.ln_f, "predict_action", net.action_act is not None)
 

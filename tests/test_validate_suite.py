@@ -83,7 +83,13 @@ def test_network_moments_rows_and_joint_thresholds(run):
         assert math.isfinite(r["mean_err"]) and 0 < r["std_ratio_min"] <= r["std_ratio_max"]
         if r["mode"] == "joint" and r["prior_scale"] <= 0.05:
             assert r["mean_err"] <= 0.2 and 0.8 <= r["std_ratio_min"] and r["std_ratio_max"] <= 1.25, r
-    assert {c["name"] for c in sec["checks"]} == {"joint_mean_err", "joint_std_ratio"}
+    assert {c["name"] for c in sec["checks"]} == {"joint_mean_err", "joint_std_ratio", "float32_vs_mc",
+                                                  "float32_vs_float64"}  # fmt: skip
+    f32 = sec["float32"]["rows"]  # float32 beside float64: same case, scale, updates, the joint mode
+    assert len(f32) == len(cfg["float32_cases"]) * len(cfg["float32_scales"]) * len(cfg["n_updates"])
+    for r in f32:
+        assert r["dtype"] == "float32" and r["mode"] == "joint" and math.isfinite(r["mean_err_float64"])
+        assert max(r["rel_mean_diff"], r["rel_std_diff"]) <= network_section.FLOAT32_TOL, r
 
 
 def test_posterior_methods_metrics_and_nuts_convergence(run):

@@ -109,7 +109,7 @@ def _relu(m: torch.Tensor, v: torch.Tensor, K: int) -> _Elementwise:
     if K > 0:
         He = hermite(a, max(K - 2, 0))  # He_0 .. He_{K-2}
         ks = torch.arange(2, K + 1, device=m.device)
-        sign = torch.where(ks % 2 == 0, 1.0, -1.0).to(m.dtype)
+        sign = (1 - 2 * (ks % 2)).to(m.dtype)  # (-1)^k, made in the input dtype
         higher = (s * pa)[..., None] * sign * He[..., : K - 1]
         coeffs = torch.cat([(s * Pa)[..., None], higher], dim=-1)[..., :K]
         coeffs = torch.where(pos[..., None], coeffs, torch.zeros_like(coeffs))
