@@ -59,10 +59,14 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-__all__ = ["OUTLIERS", "PRIOR_GRID", "NoiseBelief", "OutlierWarning", "default_threshold", "observation"]
+__all__ = ["NOISE_MODES", "OUTLIERS", "PRIOR_GRID", "NoiseBelief", "OutlierWarning", "default_threshold", "observation"]
 
 OUTLIERS = ("warn", "gate", "wolf")
 """``outliers=`` modes (module docstring)."""
+
+NOISE_MODES = ("auto", "auto-independent")
+"""``obs_noise=`` modes that learn the noise (module docstring): the conjugate rule, or the weight prior kept in
+absolute units."""
 
 PRIOR_GRID = (0.05, 0.1, 0.2, 0.5, 1.0)
 """Candidate prior scales of ``prior_scale="auto"``."""
@@ -90,9 +94,11 @@ class NoiseBelief(nn.Module):
     """Inverse-Gamma belief ``IG(α_k, β_k)`` over each output's noise variance (module docstring); buffers
     ``alpha``, ``beta`` ``(d_out,)``, so it is part of the guide's ``state_dict``."""
 
-    def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0) -> None:
+    def __init__(
+        self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0, coupled: bool = True
+    ) -> None:
         super().__init__()
-        self.alpha0 = float(alpha0)
+        self.alpha0, self.coupled = float(alpha0), bool(coupled)
         self.register_buffer("alpha", torch.full((d_out,), self.alpha0, dtype=dtype))
         self.register_buffer("beta", torch.full((d_out,), self.alpha0 * prior_std**2, dtype=dtype))
 
@@ -129,6 +135,8 @@ class NoiseBelief(nn.Module):
         q = rho * w2 * resid * torch.linalg.solve(S, resid)  # (m,): ρ_i r_i (S⁻¹ r)_i
         self.alpha.add_(0.5 * n_k)
         self.beta.add_(0.5 * torch.zeros_like(self.beta).index_add_(0, idx, q).clamp_min(0))
+        if not self.coupled:  # obs_noise="auto-independent": the weight belief stays in absolute units
+            return rho, 1.0
         f = float(torch.exp(torch.log(self.var / rho_k).mean()))
         return rho, f
 

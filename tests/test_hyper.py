@@ -117,10 +117,11 @@ def linear_stream(n: int, sigma: float, seed: int = 2):
     return X, Y
 
 
-def linear_guide(covariance: str = "block", update: str = "kbnn", guess: float = 0.1, **kw) -> pk.KalmanGuide:
+def linear_guide(covariance: str = "block", update: str = "kbnn", guess: float = 0.1, obs_noise: str = "auto",
+                 **kw) -> pk.KalmanGuide:
     torch.manual_seed(0)
     return pk.KalmanGuide(pk.BayesianModel(torch.nn.Linear(3, 1), 1.0, guess), covariance, update=update,
-                          obs_noise="auto", **kw)  # fmt: skip
+                          obs_noise=obs_noise, **kw)  # fmt: skip
 
 
 @pytest.mark.parametrize(("covariance", "update"), [("block", "kbnn"), ("diag", "kbnn"), ("full", "ekf"),
@@ -447,3 +448,38 @@ def test_hyper_validate_section_writes_its_report(tmp_path):
     assert json.loads((tmp_path / "hyper.json").read_text())["checks"] == res["checks"]
     with pytest.raises(ValueError, match="unknown setting"):
         hyper_section(quick=True, seed=0, out_dir=tmp_path, progress=False, settings={"bogus": 1})
+
+
+def test_auto_independent_noise_is_the_kalman_filter_with_the_plug_in_noise():
+    """``obs_noise="auto-independent"`` on a linear network: each sample is the exact Kalman step with the noise
+    variance ``β/α`` before it, the weight covariance is never rescaled, and ``β += ½ ρ r² / (x̃ᵀPx̃ + ρ)``."""
+    X, Y = linear_stream(30, 0.3)
+    torch.manual_seed(0)
+    model = pk.BayesianModel(torch.nn.Linear(3, 1), 1.0, 0.1)
+    guide = pk.KalmanGuide(model, "full", update="ekf", obs_noise="auto-independent")
+    assert guide.obs_noise_mode == "auto-independent"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        guide.update(X, Y)
+    Phi = torch.cat([X, torch.ones(30, 1)], 1)  # [x, 1]: the flat layout is (W, b)
+    mu = torch.cat([model.priors["net.weight"][0].reshape(-1), model.priors["net.bias"][0]])
+    P, a, b = torch.eye(4), 1.0, 0.1**2
+    for phi, y in zip(Phi, Y[:, 0], strict=True):
+        rho = b / a
+        r, s = y - phi @ mu, phi @ P @ phi + rho
+        k = P @ phi / s
+        mu, P = mu + k * r, P - torch.outer(k, phi @ P)
+        a, b = a + 0.5, b + 0.5 * rho * r**2 / s
+    assert float(guide.noise.alpha) == pytest.approx(a) and float(guide.noise.beta) == pytest.approx(float(b), rel=1e-9)
+    assert torch.allclose(guide.belief.mean, mu, atol=1e-9)
+    assert torch.allclose(guide.belief.dense_cov(), P, atol=1e-10)
+    X, Y = linear_stream(500, 0.3)
+    guide = pk.KalmanGuide(pk.BayesianModel(torch.nn.Linear(3, 1), 1.0, 0.1), "block", obs_noise="auto-independent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        guide.update(X, Y)
+    assert abs(float(guide.obs_noise) / 0.3 - 1) < 0.1
+    with pytest.raises(ValueError, match="obs_noise_mode"):
+        linear_guide().load_state_dict(guide.state_dict())  # the conjugate rule refuses the other mode's checkpoint
+    with pytest.raises(ValueError, match="obs_noise must be"):
+        linear_guide(obs_noise="vb")
