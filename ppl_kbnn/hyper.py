@@ -48,6 +48,15 @@ solve and one multiply of the covariance per sample. Prior consequence: the weig
 alternative (Särkkä and Nummenmaa 2009), which keeps ``P`` in absolute units, lets a too-small guess make the
 weights overconfident on the first samples, and the estimate never recovers (docs/hyper.md).
 ``guide.obs_noise`` reports ``sqrt(β/α)``; :meth:`NoiseBelief.distribution` the whole inverse-Gamma belief.
+
+``obs_noise="auto-independent"`` keeps the same noise belief and ``β`` update but skips the rescaling (``f = 1``):
+the weight belief stays in absolute units, so the weight prior is the model's whatever the noise (a Kalman filter
+with the plug-in noise ``ρ``, whose ``β`` update makes the standardised innovations ``r² / S`` average one). The
+conjugate rule's prior ``N(μ₀, (σ²/σ₀²) P₀)`` means that noise ``k`` times the guess widens the weight prior ``k``
+times; when ``prior_scale`` is an absolute statement (how far fine-tuning may move pre-trained weights) the
+epistemic part is then overstated and the noise understated (the pendulum uncertainty study, docs/hyper.md). The
+price of the independent rule: samples absorbed while ``ρ`` is still far too small leave the weights
+overconfident, and their later residuals are read as noise (estimate biased high after a guess far too small).
 """
 
 from __future__ import annotations

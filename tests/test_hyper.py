@@ -395,14 +395,14 @@ def test_uncertainty_study_runs_the_auto_policy():
     y = ctx.pop("target")
     x = {k: ctx[k] for k in ("returns_to_go", "states", "actions", "timesteps", "attention_mask")}
     s = StudySettings(context=4, noise_levels=(0.0, 0.3), n_uncertainty=6, n_heldout_uncertainty=8)
-    assert s.obs_noise_policies == ("matched", "fixed", "auto")
+    assert s.obs_noise_policies == ("matched", "fixed", "auto", "auto-independent")
     held = {k: v[10:] for k, v in x.items()}
     unc = uncertainty_study(net, s, 0, x, y, held, y[10:])
     rows = {(r["sigma"], r["obs_noise_policy"]): r for r in unc["rows"]}
-    assert set(rows) == {(sg, p) for sg in (0.0, 0.3) for p in ("matched", "fixed", "auto")}
-    assert set(unc["obs_noise_policies"]) == {"matched", "fixed", "auto"}
-    for sigma in (0.0, 0.3):
-        r = rows[(sigma, "auto")]
+    assert set(rows) == {(sg, p) for sg in (0.0, 0.3) for p in s.obs_noise_policies}
+    assert set(unc["obs_noise_policies"]) == set(s.obs_noise_policies)
+    for sigma, policy in [(sg, p) for sg in (0.0, 0.3) for p in ("auto", "auto-independent")]:
+        r = rows[(sigma, policy)]
         assert r["n_updates"] == 6 and r["outliers"] >= 0
         assert r["obs_noise"] == pytest.approx((r["noise_beta"] / r["noise_alpha"]) ** 0.5)
         lo, hi = r["obs_noise_interval_90"]
