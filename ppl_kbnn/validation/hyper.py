@@ -279,12 +279,16 @@ def _plot(res: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)
     a, b = fig.subplots(1, 2)
-    for i, r in enumerate(res["noise"]):
-        a.plot(range(1, r["n"] + 1), r["trajectory"], color=f"C{i}", label=f"estimate, injected σ = {r['sigma']:g}")
-        a.axhline(r["sigma"], color=f"C{i}", ls="--", lw=0.8)
+    sigmas = list(dict.fromkeys(r["sigma"] for r in res["noise"]))
+    modes = list(dict.fromkeys(r["mode"] for r in res["noise"]))
+    for r in res["noise"]:
+        c = f"C{sigmas.index(r['sigma'])}"
+        a.plot(range(1, r["n"] + 1), r["trajectory"], color=c, ls=("-", ":")[modes.index(r["mode"]) % 2],
+               label=f"{r['mode']}, injected σ = {r['sigma']:g}")  # fmt: skip
+        a.axhline(r["sigma"], color=c, ls="--", lw=0.8)
     a.axhline(NOISE_GUESS, color="grey", ls=":", lw=0.8, label=f"prior guess {NOISE_GUESS:g}")
     a.set(xscale="log", yscale="log", xlabel="samples", ylabel="obs noise std",
-          title="obs_noise='auto' (dashed: truth)")
+          title="learnt obs noise (dashed: the injected σ)")
     a.legend(fontsize=7)
     for i, r in enumerate(res["prior"]):
         c = f"C{list(STRUCTURES).index(r['structure'])}"
