@@ -103,16 +103,17 @@ def main() -> None:
             noise = f"{r['obs_noise']:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
             ratio = r["mean_pred_std"] / r["rmse_noisy_labels"]
             print(f"| {seed} | {r['sigma']:g} | {r['obs_noise_policy']} | {noise} | {r['mean_pred_std']:.3f} "
-                  f"| {r['rmse_noisy_labels']:.3f} | {ratio:.2f} | {r['coverage_90']:.2f} | {r['nll']:.2f} |",
+                  f"| {r['rmse_noisy_labels']:.3f} | {ratio:.3f} | {r['coverage_90']:.3f} | {r['nll']:.2f} |",
                   flush=True)  # fmt: skip
-    auto = [(seed, r) for seed, res in results.items() for r in res["rows"] if r["obs_noise_policy"] == "auto"]
-    ok = [0.85 <= r["coverage_90"] <= 0.95 and abs(r["mean_pred_std"] / r["rmse_noisy_labels"] - 1) <= 0.2
-          for _, r in auto]  # fmt: skip
-    print(f"auto policy: {sum(ok)}/{len(ok)} (seed, sigma) rows meet coverage in [0.85, 0.95] and std within 20%")
-    for (seed, r), good in zip(auto, ok, strict=True):
-        if not good:
-            print(f"  fails: seed {seed} sigma {r['sigma']:g}: coverage {r['coverage_90']:.3f}, "
-                  f"std/RMSE {r['mean_pred_std'] / r['rmse_noisy_labels']:.3f}")  # fmt: skip
+    for policy in ("matched", "fixed", "auto", "auto-independent"):
+        rows = [(seed, r) for seed, res in results.items() for r in res["rows"] if r["obs_noise_policy"] == policy]
+        ok = [0.85 <= r["coverage_90"] <= 0.95 and abs(r["mean_pred_std"] / r["rmse_noisy_labels"] - 1) <= 0.2
+              for _, r in rows]  # fmt: skip
+        print(f"{policy}: {sum(ok)}/{len(ok)} (seed, sigma) rows meet coverage in [0.85, 0.95] and std within 20%")
+        for (seed, r), good in zip(rows, ok, strict=True):
+            if not good:
+                print(f"  fails: seed {seed} sigma {r['sigma']:g}: coverage {r['coverage_90']:.3f}, "
+                      f"std/RMSE {r['mean_pred_std'] / r['rmse_noisy_labels']:.3f}")  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
 
