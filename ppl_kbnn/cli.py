@@ -88,9 +88,9 @@ SECTIONS: dict[str, Section] = {
     "softmax": _softmax,
     "ops": _ops,
     "long_stream": _long_stream,
+    "hyper": _hyper,
     "linear_exact": _linear_exact,
     "network_moments": _network_moments,
-    "hyper": _hyper,
     "posterior": _posterior,
 }
 

@@ -437,6 +437,7 @@ def hyper_section(
     res["figure"] = "hyper.png"
     res["elapsed_s"] = round(time.perf_counter() - t0, 3)
     saved = {**res, "noise": [{k: v for k, v in r.items() if k != "trajectory"} for r in res["noise"]]}
+    saved = json.loads(json.dumps(saved))  # what hyper.json holds (tuples as lists)
     (out_dir / "hyper.json").write_text(json.dumps(saved, indent=2) + "\n")
     (out_dir / "hyper.md").write_text(_markdown(res, command))
     return saved
