@@ -72,6 +72,12 @@ def _long_stream(**kwargs: Any) -> dict[str, Any]:
     return long_stream_section(**kwargs)
 
 
+def _hyper(**kwargs: Any) -> dict[str, Any]:
+    from .validation.hyper import hyper_section
+
+    return hyper_section(**kwargs)
+
+
 def _posterior(**kwargs: Any) -> dict[str, Any]:
     from .validation.posterior import posterior_section
 
@@ -85,6 +91,7 @@ SECTIONS: dict[str, Section] = {
     "softmax": _softmax,
     "ops": _ops,
     "long_stream": _long_stream,
+    "hyper": _hyper,
     "linear_exact": _linear_exact,
     "network_moments": _network_moments,
     "posterior": _posterior,

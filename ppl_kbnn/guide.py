@@ -36,7 +36,7 @@ from ._args import real_arg
 from ._threads import warn_if_oversubscribed
 from .beliefs import BELIEFS, Belief, Layout, LinearSlot
 from .engines import ENGINES, READOUTS, SLR, KBNNChain, KBNNTransformer, NetworkFunction, antithetic_draws
-from .hyper import OUTLIERS, PRIOR_DISCOUNT, PRIOR_GRID, NoiseBelief, OutlierWarning, default_threshold
+from .hyper import NOISE_MODES, OUTLIERS, PRIOR_DISCOUNT, PRIOR_GRID, NoiseBelief, OutlierWarning, default_threshold
 from .kalman import Guards
 from .model import BayesianModel
 from .moments._checks import check_tensor
@@ -171,7 +171,9 @@ class KalmanGuide(PyroModule):
             learnt online with an inverse-Gamma belief whose prior is centred on the model's ``obs_noise``, the
             weight belief held conditional on it (the conjugate normal-inverse-Gamma update, :mod:`ppl_kbnn.hyper`);
             :attr:`obs_noise` reports the current estimate, :meth:`obs_noise_belief` its uncertainty. The model keeps
-            its number (NUTS and SVI need one).
+            its number (NUTS and SVI need one). ``"auto-independent"``: the same noise belief, but the weight belief
+            stays in absolute units (the weight prior is the model's, whatever the noise; the noise learnt from the
+            standardised innovations): for fine-tuning, where ``prior_scale`` says how far the weights may move.
         outliers: what an update does with a sample whose innovation's squared Mahalanobis distance ``d²`` exceeds
             ``outlier_threshold`` (:mod:`ppl_kbnn.hyper`): ``"warn"`` (default; update, count in
             ``guard_counts["outlier"]``, one :class:`~ppl_kbnn.hyper.OutlierWarning` per :meth:`update` call),
@@ -263,8 +265,8 @@ class KalmanGuide(PyroModule):
                              "'diag', 'block', 'full'")  # fmt: skip
         self.covariance, self.update_rule, self.hidden = covariance, update, hidden
         self._kind = "diag" if hidden == "diag" else "token"
-        if obs_noise is not None and obs_noise != "auto":
-            raise ValueError(f"obs_noise must be None (the model's, fixed) or 'auto', got {obs_noise!r}")
+        if obs_noise is not None and obs_noise not in NOISE_MODES:
+            raise ValueError(f"obs_noise must be None (the model's, fixed) or one of {NOISE_MODES}, got {obs_noise!r}")
         if not isinstance(outliers, str) or outliers not in OUTLIERS:
             raise ValueError(f"outliers must be one of {OUTLIERS}, got {outliers!r}")
         if outlier_threshold is not None:
@@ -279,7 +281,7 @@ class KalmanGuide(PyroModule):
                                          or prior_warmup < 1):  # fmt: skip
             raise ValueError(f"prior_warmup must be None or an int >= 1, got {prior_warmup!r}")
         self.prior_scale_mode, self.prior_warmup = ("auto" if prior_scale == "auto" else "model"), prior_warmup
-        self.obs_noise_mode = "auto" if obs_noise == "auto" else "fixed"
+        self.obs_noise_mode = "fixed" if obs_noise is None else obs_noise
         self.observe = model.observe
         self.__dict__["_net"] = model.net  # structure and fixed weights (transformers); not a submodule
         self.process_noise = float(process_noise)
@@ -305,13 +307,15 @@ class KalmanGuide(PyroModule):
             self.candidates = None
             self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
         self.noise_candidates = None
-        if obs_noise == "auto" and self.candidates is not None:  # one noise belief per candidate prior scale
+        coupled = obs_noise == "auto"  # "auto-independent": the weight prior does not scale with the noise
+        if obs_noise is not None and self.candidates is not None:  # one noise belief per candidate prior scale
             self.noise_candidates = nn.ModuleList(
-                [NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, device=loc.device) for _ in PRIOR_GRID]
+                [NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, coupled=coupled, device=loc.device)
+                 for _ in PRIOR_GRID]  # fmt: skip
             )
             self.__dict__["noise"] = self.noise_candidates[0]
-        elif obs_noise == "auto":
-            self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, device=loc.device)
+        elif obs_noise is not None:
+            self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, coupled=coupled, device=loc.device)
         else:
             self.noise = None
         opts = {} if update != "slr" else {"draws": draws, "seed": seed}

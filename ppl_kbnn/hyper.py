@@ -48,6 +48,15 @@ solve and one multiply of the covariance per sample. Prior consequence: the weig
 alternative (Särkkä and Nummenmaa 2009), which keeps ``P`` in absolute units, lets a too-small guess make the
 weights overconfident on the first samples, and the estimate never recovers (docs/hyper.md).
 ``guide.obs_noise`` reports ``sqrt(β/α)``; :meth:`NoiseBelief.distribution` the whole inverse-Gamma belief.
+
+``obs_noise="auto-independent"`` keeps the same noise belief and ``β`` update but skips the rescaling (``f = 1``):
+the weight belief stays in absolute units, so the weight prior is the model's whatever the noise (a Kalman filter
+with the plug-in noise ``ρ``, whose ``β`` update makes the standardised innovations ``r² / S`` average one). The
+conjugate rule's prior ``N(μ₀, (σ²/σ₀²) P₀)`` means that noise ``k`` times the guess widens the weight prior ``k``
+times; when ``prior_scale`` is an absolute statement (how far fine-tuning may move pre-trained weights) the
+epistemic part is then overstated and the noise understated (the pendulum uncertainty study, docs/hyper.md). The
+price of the independent rule: samples absorbed while ``ρ`` is still far too small leave the weights
+overconfident, and their later residuals are read as noise (estimate biased high after a guess far too small).
 """
 
 from __future__ import annotations
@@ -59,10 +68,14 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-__all__ = ["OUTLIERS", "PRIOR_GRID", "NoiseBelief", "OutlierWarning", "default_threshold", "observation"]
+__all__ = ["NOISE_MODES", "OUTLIERS", "PRIOR_GRID", "NoiseBelief", "OutlierWarning", "default_threshold", "observation"]
 
 OUTLIERS = ("warn", "gate", "wolf")
 """``outliers=`` modes (module docstring)."""
+
+NOISE_MODES = ("auto", "auto-independent")
+"""``obs_noise=`` modes that learn the noise (module docstring): the conjugate rule, or the weight prior kept in
+absolute units."""
 
 PRIOR_GRID = (0.05, 0.1, 0.2, 0.5, 1.0)
 """Candidate prior scales of ``prior_scale="auto"``."""
@@ -90,10 +103,10 @@ class NoiseBelief(nn.Module):
     """Inverse-Gamma belief ``IG(α_k, β_k)`` over each output's noise variance (module docstring); buffers
     ``alpha``, ``beta`` ``(d_out,)``, so it is part of the guide's ``state_dict``."""
 
-    def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0, *,
-                 device: torch.device | str | None = None) -> None:  # fmt: skip
+    def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0, coupled: bool = True,
+                 *, device: torch.device | str | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.alpha0 = float(alpha0)
+        self.alpha0, self.coupled = float(alpha0), bool(coupled)
         self.register_buffer("alpha", torch.full((d_out,), self.alpha0, dtype=dtype, device=device))
         self.register_buffer("beta", torch.full((d_out,), self.alpha0 * prior_std**2, dtype=dtype, device=device))
 
@@ -130,6 +143,8 @@ class NoiseBelief(nn.Module):
         q = rho * w2 * resid * torch.linalg.solve(S, resid)  # (m,): ρ_i r_i (S⁻¹ r)_i
         self.alpha.add_(0.5 * n_k)
         self.beta.add_(0.5 * torch.zeros_like(self.beta).index_add_(0, idx, q).clamp_min(0))
+        if not self.coupled:  # obs_noise="auto-independent": the weight belief stays in absolute units
+            return rho, 1.0
         f = float(torch.exp(torch.log(self.var / rho_k).mean()))
         return rho, f
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -116,10 +117,11 @@ def linear_stream(n: int, sigma: float, seed: int = 2):
     return X, Y
 
 
-def linear_guide(covariance: str = "block", update: str = "kbnn", guess: float = 0.1, **kw) -> pk.KalmanGuide:
+def linear_guide(covariance: str = "block", update: str = "kbnn", guess: float = 0.1, obs_noise: str = "auto",
+                 **kw) -> pk.KalmanGuide:
     torch.manual_seed(0)
     return pk.KalmanGuide(pk.BayesianModel(torch.nn.Linear(3, 1), 1.0, guess), covariance, update=update,
-                          obs_noise="auto", **kw)  # fmt: skip
+                          obs_noise=obs_noise, **kw)  # fmt: skip
 
 
 @pytest.mark.parametrize(("covariance", "update"), [("block", "kbnn"), ("diag", "kbnn"), ("full", "ekf"),
@@ -357,3 +359,127 @@ def test_interrupted_update_restores_every_candidate_and_the_scores():
     after = guide.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items()) and guide.belief is chosen
     assert guide.n_updates == 5
+
+
+def test_outlier_counts_and_noise_belief_are_in_the_checkpoint():
+    X, Y, _, _ = sine_stream(30)
+    Y = Y.clone()
+    Y[15] = 1e6
+    with pytest.warns(OutlierWarning):
+        guide = mlp_guide("diag", "kbnn", obs_noise="auto").update(X, Y)
+    assert guide.guard_counts["outlier"] >= 1
+    sd = guide.state_dict()
+    assert sd["_extra_state"]["guard_counts"]["outlier"] == guide.guard_counts["outlier"]
+    fresh = mlp_guide("diag", "kbnn", obs_noise="auto")
+    fresh.load_state_dict(sd)
+    assert fresh.guard_counts == guide.guard_counts
+    assert torch.equal(fresh.obs_noise, guide.obs_noise)
+    assert torch.equal(fresh.obs_noise_belief().variance, guide.obs_noise_belief().variance)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pendulum uncertainty study's auto policy and the validate section
+
+
+def test_uncertainty_study_runs_the_auto_policy():
+    from ppl_kbnn.envs import Normalizer, collect_episodes, make_contexts
+    from ppl_kbnn.nn.transformer import DecisionTransformer, DTConfig
+    from ppl_kbnn.pendulum import StudySettings
+    from ppl_kbnn.pendulum.uncertainty import uncertainty_study
+
+    torch.manual_seed(0)
+    net = DecisionTransformer(DTConfig(4, 1, d_model=8, n_layer=1, n_head=1, context=4)).double().eval()
+    norm = Normalizer((0.0,) * 4, (0.05, 0.05, 0.2, 0.4), 1000.0)
+    ctx = make_contexts(collect_episodes("sensor_bias_0.1", 1, seed=0, max_steps=20, action_noise=0.5), 4, norm,
+                        target="policy_actions", dtype=torch.float64)  # fmt: skip
+    y = ctx.pop("target")
+    x = {k: ctx[k] for k in ("returns_to_go", "states", "actions", "timesteps", "attention_mask")}
+    s = StudySettings(context=4, noise_levels=(0.0, 0.3), n_uncertainty=6, n_heldout_uncertainty=8)
+    assert s.obs_noise_policies == ("matched", "fixed", "auto", "auto-independent")
+    held = {k: v[10:] for k, v in x.items()}
+    unc = uncertainty_study(net, s, 0, x, y, held, y[10:])
+    rows = {(r["sigma"], r["obs_noise_policy"]): r for r in unc["rows"]}
+    assert set(rows) == {(sg, p) for sg in (0.0, 0.3) for p in s.obs_noise_policies}
+    assert set(unc["obs_noise_policies"]) == set(s.obs_noise_policies)
+    for sigma, policy in [(sg, p) for sg in (0.0, 0.3) for p in ("auto", "auto-independent")]:
+        r = rows[(sigma, policy)]
+        assert r["n_updates"] == 6 and r["outliers"] >= 0
+        assert r["obs_noise"] == pytest.approx((r["noise_beta"] / r["noise_alpha"]) ** 0.5)
+        lo, hi = r["obs_noise_interval_90"]
+        assert 0 < lo < r["obs_noise"] < hi and r["obs_noise_var_std"] > 0
+        assert r["mean_pred_std"] >= r["obs_noise"] - 1e-12
+    # the estimate is the guide's: the same stream through a guide with obs_noise="auto" by hand
+    gen = torch.Generator().manual_seed(0 + 7)
+    eps = torch.randn(6, 1, generator=gen, dtype=torch.float64)
+    g = pk.KalmanGuide(pk.BayesianModel(net, prior_scale=s.prior_scale, obs_noise=s.obs_noise, bayesian="all"),
+                       "block", hidden=s.hidden, obs_noise="auto")  # fmt: skip
+    g.update({k: v[:6] for k, v in x.items()}, y[:6] + 0.3 * eps)
+    assert rows[(0.3, "auto")]["obs_noise"] == pytest.approx(float(g.obs_noise[0]), rel=1e-10)
+    assert rows[(0.3, "auto")]["obs_noise"] != pytest.approx(rows[(0.0, "auto")]["obs_noise"])
+    with pytest.raises(ValueError, match="obs_noise_policies"):
+        StudySettings(obs_noise_policies=("estimated",))
+
+
+def test_hyper_validate_section_writes_its_report(tmp_path):
+    from ppl_kbnn.cli import SECTIONS
+    from ppl_kbnn.validation.hyper import hyper_section
+
+    assert "hyper" in SECTIONS
+    settings = {"noise_sigmas": (0.3,), "n_noise": 40, "prior_structures": ("diag",), "n_prior": 20, "n_outlier": 40,
+                "outlier_structures": (("diag", 0.1),), "alternating_structures": ("diag",)}  # fmt: skip
+    res = hyper_section(quick=True, seed=0, out_dir=tmp_path, progress=False, command="test", settings=settings)
+    for f in ("hyper.json", "hyper.md", "hyper.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    checks = {c["name"]: c for c in res["checks"]}
+    assert set(checks) == {"noise_sigma0.3", "prior_scale_diag", "outlier_warned_diag", "outlier_robust_diag",
+                           "alternating_diag"}  # fmt: skip
+    (noise,) = res["noise"]
+    assert checks["noise_sigma0.3"]["passed"] == (abs(noise["estimate"] / 0.3 - 1) <= 0.1)
+    (prior,) = res["prior"]
+    assert prior["chosen_scale"] in pk.hyper.PRIOR_GRID and prior["n"] == 20
+    assert prior["rmse_ratio"] >= 1 - 1e-12 or prior["rmse"] < min(v["rmse"] for v in prior["fixed"].values())
+    (out,) = res["outliers"]
+    assert out["warn"]["outliers"] >= 1 and out["warn"]["warnings"] >= 1 and checks["outlier_warned_diag"]["passed"]
+    assert checks["outlier_robust_diag"]["passed"] == (max(out["gate"]["ratio"], out["wolf"]["ratio"]) <= 1.5)
+    (alt,) = res["alternating"]
+    assert alt["fixed"]["coverage"] < 0.5 and alt["auto"]["coverage"] >= 0.8
+    md = (tmp_path / "hyper.md").read_text()
+    assert "Checks:" in md and "0.3" in md
+    assert json.loads((tmp_path / "hyper.json").read_text()) == res
+    with pytest.raises(ValueError, match="unknown setting"):
+        hyper_section(quick=True, seed=0, out_dir=tmp_path, progress=False, settings={"bogus": 1})
+
+
+def test_auto_independent_noise_is_the_kalman_filter_with_the_plug_in_noise():
+    """``obs_noise="auto-independent"`` on a linear network: each sample is the exact Kalman step with the noise
+    variance ``β/α`` before it, the weight covariance is never rescaled, and ``β += ½ ρ r² / (x̃ᵀPx̃ + ρ)``."""
+    X, Y = linear_stream(30, 0.3)
+    torch.manual_seed(0)
+    model = pk.BayesianModel(torch.nn.Linear(3, 1), 1.0, 0.1)
+    guide = pk.KalmanGuide(model, "full", update="ekf", obs_noise="auto-independent")
+    assert guide.obs_noise_mode == "auto-independent"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        guide.update(X, Y)
+    Phi = torch.cat([X, torch.ones(30, 1)], 1)  # [x, 1]: the flat layout is (W, b)
+    mu = torch.cat([model.priors["net.weight"][0].reshape(-1), model.priors["net.bias"][0]])
+    P, a, b = torch.eye(4), 1.0, 0.1**2
+    for phi, y in zip(Phi, Y[:, 0], strict=True):
+        rho = b / a
+        r, s = y - phi @ mu, phi @ P @ phi + rho
+        k = P @ phi / s
+        mu, P = mu + k * r, P - torch.outer(k, phi @ P)
+        a, b = a + 0.5, b + 0.5 * rho * r**2 / s
+    assert float(guide.noise.alpha) == pytest.approx(a) and float(guide.noise.beta) == pytest.approx(float(b), rel=1e-9)
+    assert torch.allclose(guide.belief.mean, mu, atol=1e-9)
+    assert torch.allclose(guide.belief.dense_cov(), P, atol=1e-10)
+    X, Y = linear_stream(500, 0.3)
+    guide = pk.KalmanGuide(pk.BayesianModel(torch.nn.Linear(3, 1), 1.0, 0.1), "block", obs_noise="auto-independent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        guide.update(X, Y)
+    assert abs(float(guide.obs_noise) / 0.3 - 1) < 0.1
+    with pytest.raises(ValueError, match="obs_noise_mode"):
+        linear_guide().load_state_dict(guide.state_dict())  # the conjugate rule refuses the other mode's checkpoint
+    with pytest.raises(ValueError, match="obs_noise must be"):
+        linear_guide(obs_noise="vb")

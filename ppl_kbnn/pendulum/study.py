@@ -35,6 +35,7 @@ from ..model import BayesianModel
 from ..nn.train import pretrain
 from ..nn.transformer import DecisionTransformer, DTConfig
 from .evaluate import evaluate_dt, posterior_mean_net
+from .uncertainty import POLICIES, uncertainty_study
 
 __all__ = ["FULL", "QUICK", "StudySettings", "run_study"]
 
@@ -74,8 +75,9 @@ class StudySettings:
     Uncertainty study:
         noise_levels: label-noise std σ in normalised action units (action / 3).
         n_uncertainty: streamed samples per σ; uncertainty_covariance: KBT covariance used.
-        obs_noise_policies: ``"matched"`` (``obs_noise = sqrt(obs_noise² + σ²)``) and/or ``"fixed"``
-            (``obs_noise`` whatever σ).
+        obs_noise_policies: ``"matched"`` (``obs_noise = sqrt(obs_noise² + σ²)``), ``"fixed"``
+            (``obs_noise`` whatever σ), ``"auto"`` and ``"auto-independent"`` (learnt online:
+            :func:`uncertainty_study`).
     threads: torch threads during the run (1 is fastest for these tiny networks).
     """
 
@@ -111,7 +113,7 @@ class StudySettings:
     noise_levels: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.4)
     n_uncertainty: int = 200
     uncertainty_covariance: str = "block"
-    obs_noise_policies: tuple[str, ...] = ("matched", "fixed")
+    obs_noise_policies: tuple[str, ...] = POLICIES
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -173,8 +175,8 @@ class StudySettings:
         need(len(self.noise_levels) >= 1 and all(math.isfinite(s) and s >= 0 for s in self.noise_levels),
              f"noise_levels must be finite and >= 0, got {self.noise_levels!r}")  # fmt: skip
         policies = self.obs_noise_policies
-        need(len(policies) >= 1 and set(policies) <= {"matched", "fixed"},
-             f"obs_noise_policies must be a non-empty subset of (matched, fixed), got {policies}")  # fmt: skip
+        need(len(policies) >= 1 and set(policies) <= set(POLICIES),
+             f"obs_noise_policies must be a non-empty subset of {POLICIES}, got {policies}")  # fmt: skip
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> StudySettings:
         """A copy with ``overrides`` applied; unknown names raise ``ValueError``."""
@@ -630,75 +632,9 @@ def _run(out: Path, quick: bool, seed: int, progress: bool, command: str, s: Stu
 
     # 5. uncertainty ------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    results["uncertainty"] = _uncertainty(net, s, seed, x_stream, y_stream, x_held, y_held, P)
+    results["uncertainty"] = uncertainty_study(net, s, seed, x_stream, y_stream, x_held, y_held, P)
     timings["uncertainty_s"] = time.perf_counter() - t0
     return _finish(out, results, timings, t_start)
-
-
-def _uncertainty(
-    net: nn.Module,
-    s: StudySettings,
-    seed: int,
-    x_stream: dict[str, torch.Tensor],
-    y_stream: torch.Tensor,
-    x_held: dict[str, torch.Tensor],
-    y_held: torch.Tensor,
-    P: _Progress,
-) -> dict[str, Any]:
-    """Label noise σ on the streamed and held-out actions; KBT's predicted std vs its actual error."""
-    gen = torch.Generator().manual_seed(seed + 7)
-    n = s.n_uncertainty
-    eps_stream = torch.randn(n, 1, generator=gen, dtype=DTYPE)  # one draw, scaled by every σ (common numbers)
-    x_held, y_held = _take(x_held, slice(0, s.n_heldout_uncertainty)), y_held[: s.n_heldout_uncertainty]
-    eps_held = torch.randn(y_held.shape, generator=gen, dtype=DTYPE)
-    xs, ys = _take(x_stream, slice(0, n)), y_stream[:n]
-    rows = []
-    bar = P.bar(len(s.noise_levels) * len(s.obs_noise_policies) * n, "uncertainty")
-    for sigma in s.noise_levels:
-        y_noisy, y_held_noisy = ys + sigma * eps_stream, y_held + sigma * eps_held
-        for policy in s.obs_noise_policies:
-            r = math.sqrt(s.obs_noise**2 + sigma**2) if policy == "matched" else s.obs_noise
-            model = BayesianModel(net, prior_scale=s.prior_scale, obs_noise=r, bayesian="all")
-            guide = KalmanGuide(model, covariance=s.uncertainty_covariance, hidden=s.hidden)
-            for i in range(n):
-                guide.update(_take(xs, slice(i, i + 1)), y_noisy[i : i + 1])
-                bar.update(1)
-            mean, var = _predict(guide, x_held)  # (N, 1) each; var includes r²
-            std = var.sqrt()
-            err = mean - y_held_noisy
-            epi = (var - r**2).clamp_min(0.0)
-            rows.append({
-                "sigma": sigma,
-                "obs_noise_policy": policy,
-                "obs_noise": r,
-                "n_updates": guide.n_updates,
-                "mean_pred_std": float(std.mean()),
-                "rms_pred_std": float(var.mean().sqrt()),
-                "mean_epistemic_std": float(epi.sqrt().mean()),
-                "rmse_noisy_labels": float((err**2).mean().sqrt()),
-                "rmse_clean_labels": float(((mean - y_held) ** 2).mean().sqrt()),
-                "coverage_90": float((err.abs() <= 1.6448536269514722 * std).double().mean()),
-                "nll": float((0.5 * (math.log(2 * math.pi) + var.log() + err**2 / var)).mean()),
-                "seconds_per_sample": guide.update_seconds / n,
-            })  # fmt: skip
-    bar.close()
-    for row in rows:
-        P.log(f"sigma {row['sigma']:.2f} ({row['obs_noise_policy']}, obs_noise {row['obs_noise']:.3f}): "
-              f"predicted std {row['mean_pred_std']:.3f}, RMSE {row['rmse_noisy_labels']:.3f}, "
-              f"90% coverage {row['coverage_90']:.2f}")  # fmt: skip
-    return {
-        "units": "normalised actions (action / 3, the tanh head's scale); sigma = injected label-noise std",
-        "covariance": s.uncertainty_covariance,
-        "hidden": s.hidden,
-        "n_updates": n,
-        "n_heldout": int(y_held.shape[0]),
-        "noise": "the same standard-normal draws scaled by every sigma (streamed and held-out labels independently)",
-        "obs_noise_policies": {
-            "matched": f"obs_noise = sqrt({s.obs_noise:g}^2 + sigma^2): the model knows the injected noise",
-            "fixed": f"obs_noise = {s.obs_noise:g} whatever sigma: the model does not know it",
-        },
-        "rows": rows,
-    }
 
 
 def _finish(out: Path, results: dict[str, Any], timings: dict[str, float], t_start: float) -> dict[str, Any]:
