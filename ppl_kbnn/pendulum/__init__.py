@@ -41,6 +41,23 @@ samples per noise level. ``docs/pendulum.md`` explains each choice and reports r
 """
 
 from .evaluate import evaluate_dt, posterior_mean_net
+from .onpolicy import DEFAULT, FULL_DESIGN, QUICK_DESIGN, OnPolicySettings, run_onpolicy_study
 from .study import FULL, QUICK, StudySettings, run_study
+from .units import exact_fix, onpolicy_samples, run_unit
 
-__all__ = ["FULL", "QUICK", "StudySettings", "evaluate_dt", "posterior_mean_net", "run_study"]
+__all__ = [
+    "DEFAULT",
+    "FULL",
+    "FULL_DESIGN",
+    "QUICK",
+    "QUICK_DESIGN",
+    "OnPolicySettings",
+    "StudySettings",
+    "evaluate_dt",
+    "exact_fix",
+    "onpolicy_samples",
+    "posterior_mean_net",
+    "run_onpolicy_study",
+    "run_study",
+    "run_unit",
+]

@@ -262,7 +262,7 @@ class _Method:
         elif self.kind != "none":
             raise ValueError(f"method {self.name!r}: kind must be none/exact/kbt/retrain, got {self.kind!r}")
         self.n_params = (
-            sum(v.numel() for v, _ in self.guide.model.priors.values()) if self.guide is not None
+            sum(v.numel() for v, _ in model.priors.values()) if self.guide is not None
             else sum(p.numel() for p in self.retrainer.point.parameters()) if self.retrainer is not None else 0
         )  # fmt: skip
 
@@ -414,6 +414,7 @@ def stream_unit(
                            "condition": condition, "checkpoints": cps, "block": block, "eval_seeds": eval_seeds[:1],
                            "methods": {}}  # fmt: skip
     for spec in methods:
+        t_method = time.perf_counter()
         m = _Method(spec, net, norm, task, seed=s_stream)
         rng = np.random.default_rng(unit_seeds(network, stream, shift, "order"))
         rows: list[dict[str, Any]] = []
@@ -461,7 +462,7 @@ def stream_unit(
             t_eval += time.perf_counter() - te
             rows.append(row)
         out["methods"][m.name] = {"spec": m.spec, "n_parameters": m.n_params, "rows": rows, "error": error,
-                                  "eval_seconds": t_eval}  # fmt: skip
+                                  "eval_seconds": t_eval, "seconds": time.perf_counter() - t_method}  # fmt: skip
     return out
 
 
