@@ -566,11 +566,12 @@ _KINDS: dict[str, Callable[..., dict[str, Any]]] = {
 def run_unit(**kwargs: Any) -> dict[str, Any]:
     """Run one unit of the study: ``kind`` (``"pretrain"``, ``"check"``, ``"stream"``, ``"tolerance"``,
     ``"uncertainty"``) and that kind's keyword arguments (plain values); returns a JSON-safe dict with the unit's
-    wall ``seconds`` added."""
+    wall ``seconds`` and ``cpu_seconds`` added."""
     kind = kwargs.pop("kind", None)
     if kind not in _KINDS:
         raise ValueError(f"run_unit: kind must be one of {sorted(_KINDS)}, got {kind!r}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = _KINDS[kind](**kwargs)
     out["seconds"] = time.perf_counter() - t0
+    out["cpu_seconds"] = time.process_time() - c0  # this process's CPU time (less sensitive to the machine's load)
     return out
