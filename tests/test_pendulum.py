@@ -414,7 +414,7 @@ ONPOLICY_TINY = {
     "checkpoints": (0, 5, 10),
     "block": 5,
     "n_eval": 2,
-    "episode_steps": 60,
+    "episode_steps": 40,
     "n_heldout": 20,
     "lr_grid": (0.003, 0.03),
     "large_memory": 8,
@@ -424,7 +424,7 @@ ONPOLICY_TINY = {
     "predictive_checkpoints": (10,),
     "tolerance_fractions": (0.0, 1.0),
     "uncertainty": False,
-    "pretrain": {"n_nominal_episodes": 2, "pretrain_steps": 20, "pretrain_batch": 32},
+    "pretrain": {"n_nominal_episodes": 1, "pretrain_steps": 5, "pretrain_batch": 32},
 }
 
 
