@@ -332,6 +332,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="pre-trained network seeds (e.g. 0-2); overrides --seed and the preset's networks")
             p.add_argument("--workers", type=_workers, default=1,
                            help="processes running the study's units in parallel (default 1: in turn)")
+            p.add_argument("--resume", action="store_true",
+                           help="reuse the units an interrupted run with the same settings finished (DIR/units)")
             p.add_argument("--first-design", action="store_true",
                            help="run the first design instead (i.i.d. expert stream, one seed, no intervals)")
         if name == "validate":
@@ -381,7 +383,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
             preset = "quick" if args.quick else "full" if args.full else "default"
             networks = args.seeds if args.seeds is not None else ([args.seed] if args.seed else None)
             results = pendulum.run_onpolicy_study(out_dir=args.out, preset=preset, networks=networks,
-                                                  workers=args.workers, progress=progress, command=command)  # fmt: skip
+                                                  workers=args.workers, progress=progress, command=command,
+                                                  resume=args.resume)  # fmt: skip
             lines = list(results.get("conclusion", []))
         for line in lines:
             print(line)

@@ -270,14 +270,49 @@ def select_lr(dev_units: Sequence[Mapping[str, Any]], candidates: Mapping[float,
 # the study
 
 
-def _executor(workers: int) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
-    def run_all(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if workers <= 1:
-            return [run_unit(**job) for job in jobs]
-        import multiprocessing as mp
+def _executor(
+    workers: int, cache: Path | None = None, log: Callable[[str], None] = lambda msg: None
+) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """``run_all(jobs) -> results`` (in the jobs' order): in turn, or in a process pool of ``workers``.
 
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-            return list(ex.map(_run_job, jobs))
+    With ``cache``, each finished unit is written to ``cache/<hash of its arguments>.json`` and a later call with
+    the same arguments reads it instead of running the unit again (an interrupted run resumes)."""
+
+    def key(job: dict[str, Any]) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def run_all(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        results: list[dict[str, Any] | None] = [None] * len(jobs)
+        todo = []
+        for i, job in enumerate(jobs):
+            f = None if cache is None else cache / f"{key(job)}.json"
+            if f is not None and f.exists() and job.get("kind") != "pretrain":
+                results[i] = json.loads(f.read_text())
+            else:
+                todo.append(i)
+
+        def done(i: int, res: dict[str, Any]) -> None:
+            results[i] = res
+            if cache is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                (cache / f"{key(jobs[i])}.json").write_text(json.dumps(res, default=_json_default))
+            j = jobs[i]
+            what = ", ".join(f"{k} {j[k]}" for k in ("kind", "network", "shift", "stream", "condition") if k in j)
+            log(f"  unit done ({sum(r is not None for r in results)}/{len(jobs)}): {what}, {res['seconds']:.0f} s")
+
+        if workers <= 1:
+            for i in todo:
+                done(i, run_unit(**jobs[i]))
+        else:
+            import multiprocessing as mp
+
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+                futures = {ex.submit(_run_job, jobs[i]): i for i in todo}
+                for fut in cf.as_completed(futures):
+                    done(futures[fut], fut.result())
+        return [r for r in results if r is not None]
 
     return run_all
 
@@ -362,6 +397,7 @@ def run_onpolicy_study(
     progress: bool = True,
     command: str = "ppl-kbnn pendulum",
     settings: OnPolicySettings | Mapping[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the on-policy pendulum study; write ``results.json``, ``results.md`` and PNGs to ``out_dir``.
 
@@ -374,6 +410,8 @@ def run_onpolicy_study(
         progress: one log line per stage on stderr.
         command: the command line recorded in the results.
         settings: an :class:`OnPolicySettings` (replaces the preset) or a dict of overrides of the preset.
+        resume: reuse the units an earlier (interrupted) run of the same code and settings finished
+            (``out_dir/units/*.json``, keyed by each unit's arguments); without it that folder is cleared first.
 
     Returns:
         the results dict written to ``results.json``.
@@ -391,7 +429,10 @@ def run_onpolicy_study(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    run_all = _executor(workers)
+    if not resume and (out / "units").is_dir():
+        for f in (out / "units").glob("*.json"):
+            f.unlink()
+    run_all = _executor(workers, out / "units", log)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     results: dict[str, Any] = {
