@@ -53,6 +53,7 @@ __all__ = [
     "OnPolicySettings",
     "mean_interval",
     "paired_difference",
+    "report_from_results",
     "run_onpolicy_study",
     "select_lr",
 ]
@@ -666,6 +667,18 @@ def _compare(on: Sequence[Mapping[str, Any]], a: str, b: str, s: OnPolicySetting
 def _final_bytes(on: Sequence[Mapping[str, Any]], name: str) -> float | None:
     v = [u["methods"][name]["rows"][-1]["state_bytes"] for u in on if u["methods"][name]["rows"]]
     return float(np.mean(v)) if v else None
+
+
+def report_from_results(out_dir: Path | str) -> dict[str, Any]:
+    """Recompute the summary, conclusion, figures and ``results.md`` of an earlier run from its ``results.json``
+    (its units are all there), e.g. after a change of the report; returns the rewritten results."""
+    out = Path(out_dir)
+    results = json.loads((out / "results.json").read_text())
+    s = OnPolicySettings(
+        **{k: v for k, v in results["settings"].items() if k in {f.name for f in fields(OnPolicySettings)}}
+    )
+    results["summary"] = summarize(results["units"], s)
+    return _finish(out, results)
 
 
 def _finish(out: Path, results: dict[str, Any]) -> dict[str, Any]:

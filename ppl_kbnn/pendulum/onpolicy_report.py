@@ -37,12 +37,29 @@ def label(name: str) -> str:
     return name
 
 
-def _ci(x: dict[str, Any] | None, fmt: str = "{:.2f}") -> str:
+def _ci(x: dict[str, Any] | None, fmt: str = "{:.2f}", lo: float = 0.0, hi: float = float("inf")) -> str:
+    """``mean [lo, hi]`` with the interval clipped to the quantity's range (``[lo, hi]``: rates ``[0, 1]``, counts,
+    bytes and RMSEs ``[0, ∞)``)."""
     if not x or x.get("mean") is None:
         return "—"
     if x.get("lo") is None:
         return fmt.format(x["mean"])
-    return f"{fmt.format(x['mean'])} [{fmt.format(x['lo'])}, {fmt.format(x['hi'])}]"
+    a, b = max(lo, x["lo"]), min(hi, x["hi"])
+    return f"{fmt.format(x['mean'])} [{fmt.format(a)}, {fmt.format(b)}]"
+
+
+def _rate_ci(x: dict[str, Any] | None) -> str:
+    return _ci(x, "{:.2f}", 0.0, 1.0)
+
+
+def _n90(m: dict[str, Any]) -> str:
+    """Samples until success stays >= 90 %: the streams that got there, and the mean with never = lower bound."""
+    k, n = m["n90_reached"], len(m["n90_per_stream"])
+    if k == 0:
+        return f"not reached (0/{n})"
+    reached = sorted(v for v in m["n90_per_stream"] if v is not None)
+    note = "" if k == n else " (unreached streams counted as last checkpoint + block)"
+    return f"{_ci(m['n90'], '{:.0f}')}{note}; reached on {k}/{n}: {reached}"
 
 
 def _bytes(b: float | None) -> str:
@@ -276,17 +293,19 @@ def write_markdown(results: dict[str, Any]) -> str:
     for shift, sm in results.get("summary", {}).items():
         cps = list(s["checkpoints"])
         L += ["", f"## {shift}", "", f"Success rate (mean over {len(sm['units'])} streams [95 % interval]):", "",
-              "| method | " + " | ".join(f"n={n}" for n in cps) + " | samples to stay >= 90 % (reached) |",
+              "| method | " + " | ".join(f"n={n}" for n in cps) + " | samples until success stays >= 90 % |",
               "|---|" + "---|" * (len(cps) + 1)]  # fmt: skip
         for name, m in sm["methods"].items():
-            n90 = _ci(m["n90"], "{:.0f}") + f" ({m['n90_reached']}/{len(m['n90_per_stream'])})"
-            L.append(f"| {label(name)} | " + " | ".join(_ci(c["success"]) for c in m["checkpoints"]) + f" | {n90} |")
+            n90 = _n90(m)
+            rates = " | ".join(_rate_ci(c["success"]) for c in m["checkpoints"])
+            L.append(f"| {label(name)} | {rates} | {n90} |")
         pred = [(name, c) for name, m in sm["methods"].items() for c in m["checkpoints"]
                 if c["predictive_success"]["mean"] is not None]  # fmt: skip
         if pred:
             L += ["", "Acting with KBT's predictive mean instead of the posterior-mean network (secondary row):", ""]
-            L += [f"- {label(name)}, n={c['n']}: {_ci(c['predictive_success'])} (posterior-mean network "
-                  f"{_ci(c['success'])})" for name, c in pred]  # fmt: skip
+            L += [f"- {label(name)}, n={c['n']}: {_rate_ci(c['predictive_success'])} (posterior-mean network "
+                  f"{_rate_ci(c['success'])}; the predictive row runs on the first stream(s) only)"
+                  for name, c in pred]  # fmt: skip
         L += ["", "| method | parameters | lr | state bytes at the end | ms per sample | env steps at the end | "
               "held-out RMSE at the end | on-policy RMSE at the end | expert-stream RMSE at the end |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
