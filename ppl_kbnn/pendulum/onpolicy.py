@@ -76,8 +76,10 @@ class OnPolicySettings:
     large_memory: the larger retraining buffer ``M`` (beside the one matched to KBT's bytes).
     n_dev_streams, dev_checkpoints, dev_n_eval: the development streams of the learning-rate choice.
     n_expert_streams: i.i.d. expert streams per network and shift (secondary condition, RMSE only).
-    predictive_checkpoints, predictive_streams: checkpoints where KBT also acts with its predictive mean (the
-        secondary row; one closed-form predictive per step, so costly), on the first ``predictive_streams`` streams.
+    predictive_checkpoints, predictive_streams, predictive_methods: checkpoints where the KBT methods
+        ``predictive_methods`` also act with their predictive mean (the secondary row; one closed-form predictive
+        per step, so costly), on the first ``predictive_streams`` streams.
+    large_memory: the larger retraining buffer (when below the stream length; otherwise retraining on all data).
     tolerance_fractions: fractions of the exact sensor-bias fix in the offset-tolerance plot.
     uncertainty: run the uncertainty check (network ``networks[0]``, ``sensor_bias_0.1``).
     pretrain: overrides of the first design's pre-training settings (``StudySettings`` fields).
@@ -86,7 +88,7 @@ class OnPolicySettings:
     networks: tuple[int, ...] = (0,)
     n_streams: int = 3
     shifts: tuple[str, ...] = ("sensor_bias_0.1", "gear_flip", "gear_x0.15")
-    checkpoints: tuple[int, ...] = (0, 25, 50, 100, 200)
+    checkpoints: tuple[int, ...] = (0, 25, 50, 100)
     block: int = 25
     n_eval: int = 10
     eval_action_noise: float = 0.3
@@ -100,20 +102,21 @@ class OnPolicySettings:
     kbt_covariance: str = "block"
     retrain_epochs: int = 5
     lr_grid: tuple[float, ...] = (0.003, 0.03, 0.1)
-    large_memory: int = 100
+    large_memory: int = 50
     n_dev_streams: int = 1
     dev_checkpoints: tuple[int, ...] = (0, 50, 100)
     dev_n_eval: int = 5
     n_expert_streams: int = 1
     predictive_checkpoints: tuple[int, ...] = (100,)
     predictive_streams: int = 1
+    predictive_methods: tuple[str, ...] = ("kbt_embed",)
     tolerance_fractions: tuple[float, ...] = (0.0, 0.5, 0.75, 0.85, 0.9, 1.0, 1.1, 1.25, 1.5)
     uncertainty: bool = True
     pretrain: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("networks", "shifts", "checkpoints", "lr_grid", "dev_checkpoints", "predictive_checkpoints",
-                     "tolerance_fractions"):  # fmt: skip
+                     "tolerance_fractions", "predictive_methods"):  # fmt: skip
             object.__setattr__(self, name, tuple(getattr(self, name)))
         pre = self.pretrain.items() if isinstance(self.pretrain, Mapping) else self.pretrain
         object.__setattr__(self, "pretrain", tuple((str(k), v) for k, v in pre))
@@ -213,6 +216,8 @@ FULL_DESIGN = OnPolicySettings(
     n_expert_streams=2,
     predictive_checkpoints=(100, 200),
     predictive_streams=2,
+    predictive_methods=("kbt_all", "kbt_embed"),
+    large_memory=100,
 )
 
 
@@ -368,16 +373,27 @@ def _methods(s: OnPolicySettings, mem: dict[str, Any], lrs: Mapping[str, float])
     ms: list[dict[str, Any]] = [
         {"name": "none", "kind": "none"},
         {"name": "exact_fix", "kind": "exact"},
-        {"name": "kbt_all", **kbt, "subset": "all", "prior_scale": s.kbt_prior_all},
-        {"name": "kbt_embed", **kbt, "subset": "embed_bias", "prior_scale": s.kbt_prior_subset, "psd_repair": True},
+        {
+            "name": "kbt_all",
+            **kbt,
+            "subset": "all",
+            "prior_scale": s.kbt_prior_all,
+            "predictive": "kbt_all" in s.predictive_methods,
+        },
+        {
+            "name": "kbt_embed",
+            **kbt,
+            "subset": "embed_bias",
+            "prior_scale": s.kbt_prior_subset,
+            "psd_repair": True,
+            "predictive": "kbt_embed" in s.predictive_methods,
+        },
     ]
     for subset, short in (("all", "all"), ("embed_bias", "embed")):
         M = mem[subset]["M"]
-        sizes = [("matched", M if M < last else None)]
-        if s.large_memory > M and s.large_memory < last:
-            sizes.append(("large", s.large_memory))
-        if M < last:
-            sizes.append(("alldata", None))
+        sizes: list[tuple[str, int | None]] = [("matched", M if M < last else None)]
+        if M < last:  # a larger buffer, or all data when the larger buffer would hold the whole stream
+            sizes.append(("large", s.large_memory) if s.large_memory < last else ("alldata", None))
         seen = set()
         for why, size in sizes:
             if size in seen:

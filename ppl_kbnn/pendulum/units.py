@@ -380,7 +380,8 @@ def stream_unit(
     ``condition="onpolicy"``: every ``block`` samples come from the method's own current network;
     ``"expert"``: an i.i.d. stream of expert states (expert episodes with ``stream_action_noise``, drawn in a
     seeded order), evaluated by RMSE only. ``n_eval = 0`` skips the closed-loop evaluation.
-    ``predictive_checkpoints``: checkpoints at which KBT methods are also evaluated acting with the predictive
+    ``predictive_checkpoints``: checkpoints at which KBT methods (those whose spec does not set ``"predictive":
+    False``) are also evaluated acting with the predictive
     mean. ``labeler`` (default: the recomputed expert) labels states; tests pass a stub.
     """
     torch.set_num_threads(threads)
@@ -455,7 +456,7 @@ def stream_unit(
                     row.update(successes=ev["successes"], n_eval=ev["n"], mean_length=ev["mean_length"])
                 else:  # a fixed network: the n = 0 evaluation holds at every checkpoint
                     row.update({k: rows[0][k] for k in ("successes", "n_eval", "mean_length", "next_block_rmse")})
-                if m.guide is not None and n in predictive_checkpoints:
+                if m.guide is not None and n in predictive_checkpoints and m.spec.get("predictive", True):
                     ev = evaluate_dt(_PredictiveMeanDT(m.guide, net), norm, task, eval_seeds, max_steps=episode_steps,
                                      action_noise=eval_action_noise, reset_noise=eval_reset_noise)  # fmt: skip
                     row["predictive_successes"] = ev["successes"]
