@@ -100,7 +100,12 @@ def conclusion(results: dict[str, Any]) -> list[str]:
             for n in (100, 200):
                 if f"success_at_{n}" in c:
                     parts.append(_verdict(c[f"success_at_{n}"], "higher", f"success at n={n} (a − b)", a, b))
-            parts.append(_verdict(c["n90"], "lower", "samples until success stays >= 90 % (a − b)", a, b, "{:+.0f}"))
+            meths = results["summary"][shift]["methods"]
+            if meths[a]["n90_reached"] == 0 and meths[b]["n90_reached"] == 0:
+                parts.append("neither reaches success >= 90 % to stay on any stream")
+            else:
+                what = "samples until success stays >= 90 % (a − b)"
+                parts.append(_verdict(c["n90"], "lower", what, a, b, "{:+.0f}"))
             t = c["time_ratio_b_over_a"]
             if t.get("mean") is not None:
                 faster = t.get("lo") is not None and t["lo"] > 1
