@@ -304,6 +304,13 @@ def write_markdown(results: dict[str, Any]) -> str:
             n90 = _n90(m)
             rates = " | ".join(_rate_ci(c["success"]) for c in m["checkpoints"])
             L.append(f"| {label(name)} | {rates} | {n90} |")
+        nets = [str(n) for n in s["networks"]]
+        L += ["", f"Across pre-trained networks (seeds): success at n={cps[-1]}, mean over each network's streams:",
+              "", "| method | " + " | ".join(f"network {n}" for n in nets) + " |",
+              "|---|" + "---|" * len(nets)]  # fmt: skip
+        for name, m in sm["methods"].items():
+            per = m["checkpoints"][-1]["success_per_network"]
+            L.append(f"| {label(name)} | " + " | ".join(_rate_ci(per.get(n)) for n in nets) + " |")
         pred = [(name, c) for name, m in sm["methods"].items() for c in m["checkpoints"]
                 if c["predictive_success"]["mean"] is not None]  # fmt: skip
         if pred:
