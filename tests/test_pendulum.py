@@ -400,6 +400,18 @@ def test_learning_rate_is_chosen_from_the_development_units_only():
     r = select_lr(dev, {0.01: "m0.01", 0.1: "m0.1"})
     assert r["lr"] == 0.01 and r["streams"] == [1000, 1001]
     assert select_lr(test, {0.01: "m0.01", 0.1: "m0.1"})["lr"] == 0.1  # (what reading the test stream would give)
+    # the episodes of every block of every stream get their own env seeds (blocks up to 400 samples / 25, up to
+    # 50 episodes per block), across networks, shifts, development and test streams
+    from ppl_kbnn.pendulum.units import block_seed
+
+    seen = set()
+    for n in range(3):
+        for shift in ("sensor_bias_0.1", "gear_flip", "gear_x0.15"):
+            for k in [*range(20), *range(1000, 1020)]:
+                base = unit_seeds(n, k, shift, "stream")
+                seeds = {block_seed(base, j) + e for j in range(17) for e in range(50)}
+                assert len(seeds) == 17 * 50 and not seeds & seen
+                seen |= seeds
     # development seeds never coincide with a test stream's, for any role, network or shift
     for role in ("stream", "eval", "heldout", "order"):
         for shift in ("sensor_bias_0.1", "gear_flip", "gear_x0.15"):

@@ -140,6 +140,9 @@ class OnPolicySettings:
             v = getattr(self, name)
             need(is_int(v) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         need(is_int(self.n_expert_streams) and self.n_expert_streams >= 0, "n_expert_streams must be an integer >= 0")
+        need(self.n_streams <= 20 and self.n_dev_streams <= 20 and self.n_expert_streams <= 20,
+             "n_streams, n_dev_streams and n_expert_streams must be <= 20 (the seed layout)")  # fmt: skip
+        need(self.block <= 50, f"block must be <= 50 (the seed layout), got {self.block}")
         need(self.episode_steps <= 1000, f"episode_steps must be <= 1000, got {self.episode_steps}")
         from ..envs import get_task
 

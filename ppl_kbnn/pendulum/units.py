@@ -57,6 +57,7 @@ from .evaluate import evaluate_dt, posterior_mean_net
 
 __all__ = [
     "SUBSETS",
+    "block_seed",
     "embed_bias",
     "exact_fix",
     "expert_labeler",
@@ -98,6 +99,15 @@ def unit_seeds(network: int, stream: int, shift: str, role: str) -> int:
         raise ValueError(f"unit_seeds: role must be one of {sorted(roles)}, got {role!r}")
     k = shifts.get(shift, 4 + sum(map(ord, shift)) % 5)
     return 10_000_000 * network + 100_000 * roles[role] + 10_000 * k + 5_000 * (stream >= 1000) + 50 * (stream % 1000)
+
+
+def block_seed(base: int, j: int) -> int:
+    """First env seed of the episodes of block ``j`` of a stream whose :func:`unit_seeds` is ``base``.
+
+    Blocks 0-4: ``base + 1000 j`` (inside the stream's slot); later blocks: ``base + 10⁹ (j − 4)``, above every
+    slot. With stream indices below 20 (test) or 1000-1019 (development) and at most 50 episodes per block
+    (``block <= 50``), no two (network, shift, stream, block, episode) share a seed (tested)."""
+    return base + 1000 * j if j < 5 else base + 1_000_000_000 * (j - 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +402,8 @@ def stream_unit(
         raise ValueError(f"checkpoints must start at 0 and increase, got {cps}")
     if any(n % block for n in cps):
         raise ValueError(f"checkpoints must be multiples of block={block}, got {cps}")
+    if not 1 <= block <= 50 or not 0 <= stream % 1000 < 20:
+        raise ValueError(f"block must be in [1, 50] and stream in [0, 20) or [1000, 1020), got {block}, {stream}")
     net, norm, task = _common({"pretrained": pretrained, "shift": shift})
     K = net.config.context
     labeler = expert_labeler(task) if labeler is None else labeler
@@ -478,7 +490,7 @@ def _block(m: _Method, condition: str, pool: Any, start: int, block: int, norm: 
         x, y = pool
         return {k: v[start : start + block] for k, v in x.items()}, y[start : start + block], {"env_steps": 0}
     netw = m.network()
-    return onpolicy_samples(netw, norm, task, labeler, block, seed=seed + 1000 * (start // block), rng=rng,
+    return onpolicy_samples(netw, norm, task, labeler, block, seed=block_seed(seed, start // block), rng=rng,
                             action_noise=noise, reset_noise=reset_noise, max_steps=steps)  # fmt: skip
 
 
