@@ -426,7 +426,8 @@ def run_onpolicy_study(
         preset: ``"default"`` (about 10 minutes on 2 cores), ``"quick"`` (a smoke test, not a result) or
             ``"full"`` (the issue's full design; see docs/pendulum.md for its cost).
         networks: pre-trained network seeds (overrides the preset's).
-        workers: processes running units in parallel (1: in turn).
+        workers: processes running units in parallel (1: in turn). The pool spawns fresh interpreters, so a
+            script that calls this with ``workers > 1`` needs the ``if __name__ == "__main__":`` guard.
         progress: one log line per stage on stderr.
         command: the command line recorded in the results.
         settings: an :class:`OnPolicySettings` (replaces the preset) or a dict of overrides of the preset.
