@@ -113,6 +113,10 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
         "results.json",
         "results.md",
         "pretrained.pt",
+        "pretrained_seed*.pt",
+        "success_vs_bytes.png",
+        "rmse_vs_samples.png",
+        "offset_tolerance.png",
         "pretrained.json",
         "pretrain_loss.png",
         "success_vs_samples.png",
@@ -275,6 +279,31 @@ def _seed(text: str) -> int:
     return value
 
 
+def _seeds(text: str) -> list[int]:
+    """``"0-2"`` -> ``[0, 1, 2]``; ``"0,3"`` -> ``[0, 3]``."""
+    try:
+        if "-" in text:
+            a, b = (int(v) for v in text.split("-", 1))
+            seeds = list(range(a, b + 1))
+        else:
+            seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seeds {text!r}: expected A-B or A,B,...") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"invalid seeds {text!r}: expected distinct non-negative integers")
+    return seeds
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid workers {text!r}: expected an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid workers {value}: expected an integer >= 1")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``ppl-kbnn validate: error: ... (see --help)`` and exit code 2."""
 
@@ -317,9 +346,14 @@ def _sweep_arguments(p: argparse.ArgumentParser, seed_args: Any) -> None:
              "seed is one task; OUT/seed_<s>/ gets what --seed s writes, OUT/report.json and report.md merge the "
              "seeds (across-seed means and intervals, pass counts)",
     )  # fmt: skip
+    _executor_arguments(p, "with --seeds: run the tasks one after another in this process (local, the default)")
+
+
+def _executor_arguments(p: argparse.ArgumentParser, local: str) -> None:
+    """``--executor``, ``--address``, ``--num-cpus`` (``validate`` sweeps and the pendulum study's units)."""
     p.add_argument("--executor", choices=("local", "ray"), default=None,
-                   help="with --seeds: run the tasks one after another in this process (local, the default) or as "
-                        "Ray tasks of one CPU each (ray; needs pip install \"ppl-kbnn[ray]\")")  # fmt: skip
+                   help=f"{local} or as Ray tasks of one CPU each (ray; needs pip install "
+                        "\"ppl-kbnn[ray]\")")  # fmt: skip
     p.add_argument("--address", default=None, metavar="ADDR",
                    help="with --executor ray: the address of an existing Ray cluster (default: start a local Ray "
                         "with the machine's cores)")  # fmt: skip
@@ -329,8 +363,13 @@ def _sweep_arguments(p: argparse.ArgumentParser, seed_args: Any) -> None:
 
 
 def _sweep_usage_error(args: argparse.Namespace) -> str | None:
-    """The misuse of the sweep options of ``validate``, if any."""
-    if args.seeds is None:
+    """The misuse of the sweep options of ``validate`` (and of the executor options of ``pendulum``), if any."""
+    if args.command == "pendulum":
+        if args.first_design and args.executor is not None:
+            return "--executor only with the on-policy design (not with --first-design)"
+        if args.executor == "ray" and args.workers > 1:
+            return "--workers is the local process pool; with --executor ray use --num-cpus"
+    elif args.seeds is None:
         used = [f for f, v in (("--executor", args.executor), ("--address", args.address),
                                ("--num-cpus", args.num_cpus)) if v is not None]  # fmt: skip
         return f"{', '.join(used)} only with --seeds" if used else None
@@ -360,10 +399,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
         "pendulum": (
             "the pendulum study: KBT vs retraining vs no adaptation under distribution shift",
-            "A decision transformer pre-trained on the nominal inverted pendulum adapts one sample at a time "
-            "to a shifted pendulum with KBT (block and diagonal) and with warm-started retraining at several "
-            "memory sizes; closed-loop success, memory and time per sample, predicted uncertainty vs label "
-            "noise. Writes results.json, results.md, pretrained.pt/.json and PNGs.",
+            "A decision transformer pre-trained on the nominal inverted pendulum adapts one label at a time "
+            "to three shifted pendulums, on on-policy streams (every 25 labels its current network runs an "
+            "episode that the recomputed expert labels), with KBT (all weights; the 16 state-embedding biases) "
+            "and warm-started retraining of the same subsets (learning rate chosen on development streams, memory "
+            "matched to KBT's bytes and larger); success under noisy evaluation with 95 % intervals across "
+            "streams, memory, time per sample, RMSE, offset tolerance, predicted uncertainty vs label noise. "
+            "Writes results.json, results.md, pretrained_seed<N>.pt and PNGs. The default run takes about 10 "
+            "minutes on 2 cores; --full is the complete design (3 networks x 10 streams, 20 episodes).",
             "pendulum-out",
             "a small version (few episodes and samples): a smoke test, not a result",
         ),
@@ -383,6 +426,19 @@ def _parser() -> argparse.ArgumentParser:
         seed_args = p.add_mutually_exclusive_group() if name == "validate" else p
         seed_args.add_argument("--seed", type=_seed, default=0, help="base random seed, >= 0 (default 0)")
         p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
+        if name == "pendulum":
+            p.add_argument("--full", action="store_true",
+                           help="the full design (3 networks x 10 streams per shift, 20 episodes per checkpoint)")
+            p.add_argument("--seeds", type=_seeds, default=None, metavar="A-B|A,B,..",
+                           help="pre-trained network seeds (e.g. 0-2); overrides --seed and the preset's networks")
+            p.add_argument("--workers", type=_workers, default=1,
+                           help="processes running the study's units in parallel (default 1: in turn)")
+            p.add_argument("--resume", action="store_true",
+                           help="reuse the units an interrupted run with the same settings finished (DIR/units)")
+            p.add_argument("--first-design", action="store_true",
+                           help="run the first design instead (i.i.d. expert stream, one seed, no intervals)")
+            _executor_arguments(p, "run the study's units here (local, the default: in turn or in --workers "
+                                   "processes)")  # fmt: skip
         if name == "validate":
             p.add_argument(
                 "--sections", nargs="+", choices=list(SECTIONS), default=None, metavar="NAME",
@@ -438,10 +494,21 @@ def _run(args: argparse.Namespace, command: str) -> int:
             return 0
     prepare_out_dir(args.out, OUTPUTS[args.command])
     if args.command == "pendulum":
-        from .pendulum import run_study
+        from . import pendulum
 
-        results = run_study(out_dir=args.out, quick=args.quick, seed=args.seed, progress=progress, command=command)
-        for line in _pendulum_summary(results):
+        if args.first_design:
+            results = pendulum.run_study(out_dir=args.out, quick=args.quick, seed=args.seed, progress=progress,
+                                         command=command)  # fmt: skip
+            lines = _pendulum_summary(results)
+        else:
+            preset = "quick" if args.quick else "full" if args.full else "default"
+            networks = args.seeds if args.seeds is not None else ([args.seed] if args.seed else None)
+            results = pendulum.run_onpolicy_study(out_dir=args.out, preset=preset, networks=networks,
+                                                  workers=args.workers, progress=progress, command=command,
+                                                  resume=args.resume, executor=args.executor or "local",
+                                                  address=args.address, num_cpus=args.num_cpus)  # fmt: skip
+            lines = list(results.get("conclusion", []))
+        for line in lines:
             print(line)
         print(f"results: {args.out / 'results.md'}")
         return 0
@@ -484,8 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.command == "validate" and (misuse := _sweep_usage_error(args)):
-        print(f"ppl-kbnn validate: error: {misuse} (see ppl-kbnn validate --help)", file=sys.stderr)
+    if args.command in ("validate", "pendulum") and (misuse := _sweep_usage_error(args)):
+        print(f"ppl-kbnn {args.command}: error: {misuse} (see ppl-kbnn {args.command} --help)", file=sys.stderr)
         return 2
     command = shlex.join(["ppl-kbnn", *argv])
     if args.quick:

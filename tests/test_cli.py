@@ -153,7 +153,7 @@ def test_interrupted_rerun_leaves_no_earlier_results(tmp_path, monkeypatch, caps
         (Path(kwargs["out_dir"]) / "pretrained.pt").write_text("new, partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pendulum, "run_study", interrupted)
+    monkeypatch.setattr(pendulum, "run_onpolicy_study", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli.main(["pendulum", "--no-progress", "--out", str(tmp_path)])
     assert {p.name for p in tmp_path.iterdir()} == {"pretrained.pt", "keep.csv"}
@@ -166,13 +166,25 @@ def test_pendulum_result_lines_on_stdout(tmp_path, monkeypatch, capsys):
             "methods": {"kbt_block": {"checkpoints": [{"n_samples": 0, "successes": 0, "n": 5},
                                                       {"n_samples": 25, "successes": 3, "n": 5}]}}}  # fmt: skip
     monkeypatch.setattr(pendulum, "run_study", lambda **kwargs: fake)
-    assert cli.main(["pendulum", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert cli.main(["pendulum", "--first-design", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert err == ""
     lines = out.splitlines()
     assert lines[0].startswith(cli.SMOKE_TEST)
     assert "shift: sensor_bias_0.1" in out and "KBT block: n=0 0/5, n=25 3/5" in out
     assert lines[-1] == f"results: {tmp_path / 'results.md'}"
+    # the default (on-policy) study prints its conclusion lines; --seeds and --workers reach it
+    seen = {}
+
+    def onpolicy(**kwargs):
+        seen.update(kwargs)
+        return {"conclusion": ["sensor_bias_0.1: a line"]}
+
+    monkeypatch.setattr(pendulum, "run_onpolicy_study", onpolicy)
+    assert cli.main(["pendulum", "--seeds", "0-2", "--workers", "2", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["sensor_bias_0.1: a line", f"results: {tmp_path / 'results.md'}"]
+    assert seen["networks"] == [0, 1, 2] and seen["workers"] == 2 and seen["preset"] == "default"
 
 
 # --- the pendulum report of a quick run says it is a smoke test ----------------------------------------------

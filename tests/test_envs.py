@@ -417,3 +417,16 @@ def test_collect_episodes_default_expert():
     assert [e["seed"] for e in eps] == [10, 11] and all(e["success"] for e in eps)
     assert all(e["task"] == "gear_x6" for e in eps)
     assert math.isclose(eps[0]["rewards"].sum(), 100.0)
+
+
+def test_make_env_reset_noise_scale():
+    """``reset_noise_scale`` widens the start states (the env's default is 0.01); bad values raise."""
+    import numpy as np
+
+    from ppl_kbnn.envs import make_env
+
+    wide = [make_env("sensor_bias_0.1", reset_noise_scale=0.05).reset(seed=s)[0] for s in range(20)]
+    narrow = [make_env("sensor_bias_0.1").reset(seed=s)[0] for s in range(20)]
+    assert np.abs(np.stack(narrow)[:, 0]).max() <= 0.01 < np.abs(np.stack(wide)[:, 0]).max() <= 0.05
+    with pytest.raises(ValueError, match="reset_noise_scale"):
+        make_env("nominal", reset_noise_scale=-1.0)

@@ -294,3 +294,211 @@ def test_settings_object_and_defaults():
     assert StudySettings().candidates[0] == "sensor_bias_0.1"
     s = QUICK.with_overrides({"n_eval": 7})
     assert s.n_eval == 7 and s.checkpoints == QUICK.checkpoints
+
+
+# ---------------------------------------------------------------------------------------------
+# the on-policy design (ppl_kbnn.pendulum.onpolicy / units)
+
+from ppl_kbnn.pendulum import exact_fix, onpolicy_samples, run_onpolicy_study  # noqa: E402
+from ppl_kbnn.pendulum.onpolicy import mean_interval, paired_difference, select_lr  # noqa: E402
+from ppl_kbnn.pendulum.units import n_until_stable, unit_seeds  # noqa: E402
+
+NORM = Normalizer((0.0,) * 4, (0.05, 0.05, 0.2, 0.4), 1000.0)
+
+
+def test_onpolicy_stream_gives_each_network_its_own_states():
+    """Each network is streamed the states *it* visits (replayed here episode by episode), labelled by the labeler."""
+    seen = []
+
+    def stub_expert(states):
+        seen.append(np.array(states))
+        return states[:, 1:2] * 10.0  # (T, 1): a label the test can recompute
+
+    nets = [small_dt(0), small_dt(1)]
+    got = []
+    for net in nets:
+        seen.clear()
+        x, y, info = onpolicy_samples(net, NORM, "sensor_bias_0.1", stub_expert, 12, seed=7,
+                                      rng=np.random.default_rng(0), action_noise=0.3, reset_noise=0.05,
+                                      max_steps=200)  # fmt: skip
+        # the same episodes, replayed with the same network: the labeler saw exactly their states
+        env = make_env("sensor_bias_0.1", reset_noise_scale=0.05)
+        replay = [rollout(env, DTPolicy(net, NORM, 1000.0), seed=7 + i, max_steps=200, action_noise=0.3)
+                  for i in range(info["episodes"])]  # fmt: skip
+        env.close()
+        visited = np.concatenate([e["states"] for e in replay])
+        assert np.array_equal(np.concatenate(seen), visited)
+        assert info["env_steps"] == visited.shape[0] >= 12
+        # every sample is one of those states (its last state token, normalised) with the labeler's label
+        last = x["states"][:, -1].numpy()  # (12, 4) normalised
+        raw = last * np.asarray(NORM.state_std) + np.asarray(NORM.state_mean)
+        assert np.allclose(raw, info["states"])
+        assert all(np.isclose(visited, s).all(axis=1).any() for s in info["states"])
+        assert torch.allclose(y, torch.as_tensor(info["states"][:, 1:2] * 10.0 / 3.0))
+        got.append(visited)
+    assert got[0].shape != got[1].shape or not np.allclose(got[0], got[1])  # two networks, two sets of states
+
+
+def test_evaluation_episodes_differ_under_evaluation_noise():
+    net = small_dt()
+    seeds = list(range(10, 16))
+    noisy = evaluate_dt(net, NORM, "nominal", seeds, max_steps=100, action_noise=0.3, reset_noise=0.05)
+    again = evaluate_dt(net, NORM, "nominal", seeds, max_steps=100, action_noise=0.3, reset_noise=0.05)
+    quiet = evaluate_dt(net, NORM, "nominal", seeds, max_steps=100)
+    assert noisy["lengths"] == again["lengths"]  # seeded: reproducible
+    assert len(set(noisy["lengths"])) >= 3  # the episodes differ from each other
+    assert noisy["lengths"] != quiet["lengths"]  # and the noise is what makes them differ
+    with pytest.raises(ValueError, match="action_noise"):
+        evaluate_dt(net, NORM, "nominal", seeds, action_noise=-1.0)
+
+
+def test_exact_fix_cancels_the_sensor_bias_in_the_state_embedding():
+    net = small_dt()
+    fixed = exact_fix(net, NORM, "sensor_bias_0.1")
+    obs = torch.randn(6, 4) * 0.05
+    biased = obs.clone()
+    biased[:, 1] += 0.1
+    n = lambda o: (o - torch.tensor(NORM.state_mean)) / torch.tensor(NORM.state_std)  # noqa: E731
+    with torch.no_grad():
+        assert torch.allclose(fixed.embed_state(n(biased)), net.embed_state(n(obs)), atol=1e-12)
+        assert not torch.allclose(net.embed_state(n(biased)), net.embed_state(n(obs)))
+    flipped = exact_fix(net, NORM, "gear_flip")
+    assert torch.equal(flipped.predict_action.weight, -net.predict_action.weight)
+    assert exact_fix(net, NORM, "gear_x0.15") is None
+
+
+def test_samples_until_success_stays_above_90_percent():
+    cps = [0, 25, 50, 100, 200]
+    assert n_until_stable(cps, [0, 1, 0.8, 0.9, 1]) == 100  # a dip resets the count
+    assert n_until_stable(cps, [1, 1, 1, 1, 1]) == 0
+    assert n_until_stable(cps, [0, 1, 1, 1, 0.5]) is None  # not stable at the last checkpoint
+    assert n_until_stable(cps, [0, 1, 1, None, 1]) == 200  # not measured counts as a failure
+
+
+def test_intervals_are_student_t_across_streams():
+    from scipy.stats import t
+
+    v = [0.2, 0.5, 0.9, 0.6]
+    r = mean_interval(v)
+    half = t.ppf(0.975, 3) * np.std(v, ddof=1) / 2
+    assert r["n"] == 4 and r["mean"] == pytest.approx(0.55)
+    assert (r["lo"], r["hi"]) == pytest.approx((0.55 - half, 0.55 + half))
+    assert mean_interval([0.3])["lo"] is None  # one stream: no interval
+    d = paired_difference([1.0, 0.9, 1.0], [0.1, 0.2, 0.0])
+    assert d["verdict"] == "a > b" and d["lo"] > 0
+    assert paired_difference([1.0, 0.0, 1.0], [0.0, 1.0, 0.5])["verdict"] == "no difference shown"
+
+
+def test_learning_rate_is_chosen_from_the_development_units_only():
+    def unit(stream, rates):
+        return {"stream": stream, "methods": {f"m{lr}": {"rows": [{"n": 0, "successes": 0, "n_eval": 4},
+                                                                 {"n": 25, "successes": k, "n_eval": 4,
+                                                                  "next_block_rmse": 0.1}]}
+                                              for lr, k in rates.items()}}  # fmt: skip
+
+    dev = [unit(1000, {0.01: 4, 0.1: 1}), unit(1001, {0.01: 3, 0.1: 2})]
+    test = [unit(0, {0.01: 0, 0.1: 4})]  # would flip the choice if it were read
+    r = select_lr(dev, {0.01: "m0.01", 0.1: "m0.1"})
+    assert r["lr"] == 0.01 and r["streams"] == [1000, 1001]
+    assert select_lr(test, {0.01: "m0.01", 0.1: "m0.1"})["lr"] == 0.1  # (what reading the test stream would give)
+    # the episodes of every block of every stream get their own env seeds (blocks up to 400 samples / 25, up to
+    # 50 episodes per block), across networks, shifts, development and test streams
+    from ppl_kbnn.pendulum.units import block_seed
+
+    seen = set()
+    for n in range(3):
+        for shift in ("sensor_bias_0.1", "gear_flip", "gear_x0.15"):
+            for k in [*range(20), *range(1000, 1020)]:
+                base = unit_seeds(n, k, shift, "stream")
+                seeds = {block_seed(base, j) + e for j in range(17) for e in range(50)}
+                assert len(seeds) == 17 * 50 and not seeds & seen
+                seen |= seeds
+    # development seeds never coincide with a test stream's, for any role, network or shift
+    for role in ("stream", "eval", "heldout", "order"):
+        for shift in ("sensor_bias_0.1", "gear_flip", "gear_x0.15"):
+            dev_seeds = {unit_seeds(n, k, shift, role) for n in range(3) for k in range(1000, 1003)}
+            test_seeds = {unit_seeds(n, k, shift, role) for n in range(3) for k in range(20)}
+            assert not dev_seeds & test_seeds
+
+
+ONPOLICY_TINY = {
+    "shifts": ("sensor_bias_0.1",),
+    "n_streams": 2,
+    "checkpoints": (0, 5, 10),
+    "block": 5,
+    "n_eval": 2,
+    "episode_steps": 40,
+    "n_heldout": 20,
+    "lr_grid": (0.003, 0.03),
+    "large_memory": 8,
+    "dev_checkpoints": (0, 5),
+    "dev_n_eval": 2,
+    "n_expert_streams": 1,
+    "predictive_checkpoints": (),
+    "tolerance_fractions": (0.0, 1.0),
+    "uncertainty": False,
+    "pretrain": {"n_nominal_episodes": 1, "pretrain_steps": 5, "pretrain_batch": 32},
+}
+
+
+@pytest.fixture(scope="module")
+def onpolicy_study(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("onpolicy")
+    return d, run_onpolicy_study(out_dir=d, preset="quick", progress=False, command="test", settings=ONPOLICY_TINY)
+
+
+def test_onpolicy_study_outputs_and_intervals_across_streams(onpolicy_study):
+    d, res = onpolicy_study
+    saved = json.loads((d / "results.json").read_text())
+    assert saved["summary"].keys() == {"sensor_bias_0.1"}
+    assert (d / "results.md").read_text().startswith("# Pendulum study (on-policy streams)")
+    for name in res["figures"].values():
+        assert (d / name).read_bytes().startswith(PNG)
+    sm = res["summary"]["sensor_bias_0.1"]
+    on = [u for u in res["units"] if u["condition"] == "onpolicy"]
+    assert sorted(u["stream"] for u in on) == [0, 1]
+    for name, m in sm["methods"].items():
+        for c in m["checkpoints"]:
+            per_stream = [r["successes"] / r["n_eval"] for u in on for r in u["methods"][name]["rows"]
+                          if r["n"] == c["n"]]  # fmt: skip
+            if not per_stream:
+                continue
+            # the interval is over the 2 streams (each one success rate over n_eval episodes), not the 4 episodes
+            assert c["success"]["n"] == 2 == len(per_stream)
+            assert c["success"] == mean_interval(per_stream)
+    # every adapting method saw one label per sample and ran episodes for them; the fixed ones did not
+    for u in on:
+        for m in u["methods"].values():
+            last = m["rows"][-1]
+            if m["spec"]["kind"] in ("kbt", "retrain"):
+                assert last["n"] == 10 and last["env_steps"] >= 10 and last["update_seconds"] > 0
+            else:
+                assert last["env_steps"] == 0
+    # learning rates: from development streams (>= 1000) only; the test streams use the chosen one
+    lr = res["learning_rates"]
+    assert {u["stream"] for u in lr["development_units"]} == {1000}
+    for subset, short in (("all", "all"), ("embed_bias", "embed")):
+        chosen = lr["chosen"]["sensor_bias_0.1"][subset]
+        again = select_lr(lr["development_units"], {v: f"dev_{short}_lr{v:g}" for v in ONPOLICY_TINY["lr_grid"]})
+        assert chosen["lr"] == again["lr"] in ONPOLICY_TINY["lr_grid"]
+        for m in sm["methods"].values():
+            if m["spec"].get("subset") == subset and m["spec"]["kind"] == "retrain":
+                assert m["spec"]["lr"] == chosen["lr"]
+    assert res["conclusion"] and all(line for line in res["conclusion"])
+
+
+def test_predictive_mean_network_acts_with_kbt_predictive_mean():
+    from ppl_kbnn.pendulum.units import _PredictiveMeanDT
+
+    net = small_dt()
+    eps = collect_episodes("sensor_bias_0.1", 1, seed=0, max_steps=20, action_noise=0.5)
+    ctx = make_contexts(eps, 4, NORM, target="policy_actions", dtype=torch.float64)
+    ctx.pop("target")
+    guide = pk.KalmanGuide(pk.BayesianModel(net, prior_scale=1e-4, obs_noise=0.1), covariance="diag", hidden="token")
+    with torch.no_grad():
+        pm = _PredictiveMeanDT(guide, net)(**ctx)[:, -1]  # (N, 1)
+        assert torch.allclose(pm, guide.predict(ctx)[0])
+        assert torch.allclose(pm, net(**ctx)[:, -1], atol=1e-5)  # a tiny prior: predictive mean ~ plug-in mean
+    res = evaluate_dt(_PredictiveMeanDT(guide, net), NORM, "sensor_bias_0.1", [0, 1], max_steps=5)
+    assert res["n"] == 2 and all(1 <= L <= 5 for L in res["lengths"])

@@ -300,21 +300,33 @@ def _register() -> None:
 _register()
 
 
-def make_env(task: Task | str = "nominal", seed: int | None = None, *, max_episode_steps: int = 1000) -> gym.Env:
+def make_env(
+    task: Task | str = "nominal",
+    seed: int | None = None,
+    *,
+    max_episode_steps: int = 1000,
+    reset_noise_scale: float | None = None,
+) -> gym.Env:
     """``gymnasium.make`` of the task's registered id (:func:`task_id`), or of :data:`GENERIC_ID` with the task.
 
     The shifted physics and the sensor bias live in the base env (:class:`ShiftedInvertedPendulumEnv`), so
     ``env.spec`` records them and ``gym.make(env.spec)`` reproduces the task exactly. With ``seed``, the
     env is reset once with that seed and the action space is seeded. ``env.unwrapped.task`` records the
-    task.
+    task. ``reset_noise_scale`` (default: gymnasium's 0.01) is the half-width of the uniform noise on the
+    initial ``qpos`` and ``qvel``.
     """
     task = get_task(task)
     if max_episode_steps < 1:
         raise ValueError(f"make_env: max_episode_steps must be >= 1, got {max_episode_steps}")
+    extra: dict[str, Any] = {}
+    if reset_noise_scale is not None:
+        if not (math.isfinite(reset_noise_scale) and reset_noise_scale >= 0):
+            raise ValueError(f"make_env: reset_noise_scale must be finite and >= 0, got {reset_noise_scale!r}")
+        extra["reset_noise_scale"] = float(reset_noise_scale)
     if SHIFTS.get(task.name) == task:
-        env = gym.make(task_id(task), max_episode_steps=max_episode_steps)
+        env = gym.make(task_id(task), max_episode_steps=max_episode_steps, **extra)
     else:
-        env = gym.make(GENERIC_ID, max_episode_steps=max_episode_steps, **_task_kwargs(task))
+        env = gym.make(GENERIC_ID, max_episode_steps=max_episode_steps, **_task_kwargs(task), **extra)
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)

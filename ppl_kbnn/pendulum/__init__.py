@@ -1,6 +1,13 @@
 r"""The pendulum study: sequential adaptation of a pre-trained decision transformer to a shifted task.
 
-``ppl-kbnn pendulum [--quick] [--seed N] --out DIR`` calls :func:`run_study`, which
+``ppl-kbnn pendulum [--quick | --full] [--seeds A-B] [--workers N] --out DIR`` runs the on-policy design,
+:func:`run_onpolicy_study` (:mod:`ppl_kbnn.pendulum.onpolicy`): on-policy streams (every 25 labels the method's
+current network runs an episode that the recomputed expert labels), three shifts, KBT on all weights and on the
+16 state-embedding biases against retraining of the same subsets (learning rate from development streams,
+memory matched to KBT's bytes and larger), noisy evaluation, 95 % intervals across streams, and a conclusion
+generated from them. Its units (:func:`run_unit`) are plain functions that any executor can run.
+
+``ppl-kbnn pendulum --first-design [--quick] [--seed N] --out DIR`` runs the first design, :func:`run_study`, which
 
 1. **pre-trains** a decision transformer (:class:`~ppl_kbnn.nn.DecisionTransformer`, d_model 16, one
    layer, one head, context ``K = 5``, tanh action head) with AdamW on contexts from nominal LQR-expert
@@ -41,6 +48,23 @@ samples per noise level. ``docs/pendulum.md`` explains each choice and reports r
 """
 
 from .evaluate import evaluate_dt, posterior_mean_net
+from .onpolicy import DEFAULT, FULL_DESIGN, QUICK_DESIGN, OnPolicySettings, run_onpolicy_study
 from .study import FULL, QUICK, StudySettings, run_study
+from .units import exact_fix, onpolicy_samples, run_unit
 
-__all__ = ["FULL", "QUICK", "StudySettings", "evaluate_dt", "posterior_mean_net", "run_study"]
+__all__ = [
+    "DEFAULT",
+    "FULL",
+    "FULL_DESIGN",
+    "QUICK",
+    "QUICK_DESIGN",
+    "OnPolicySettings",
+    "StudySettings",
+    "evaluate_dt",
+    "exact_fix",
+    "onpolicy_samples",
+    "posterior_mean_net",
+    "run_onpolicy_study",
+    "run_study",
+    "run_unit",
+]

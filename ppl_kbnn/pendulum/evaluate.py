@@ -61,8 +61,15 @@ def evaluate_dt(
     *,
     max_steps: int = 1000,
     target_return: float = 1000.0,
+    action_noise: float = 0.0,
+    reset_noise: float | None = None,
 ) -> dict[str, Any]:
     """Run one episode per seed (``env.reset(seed=s)``) of ``task`` with the decision transformer, in lockstep.
+
+    ``action_noise`` adds ``action_noise · ξ`` (``ξ ~ N(0, 1)`` from ``np.random.default_rng([s, 1])`` for
+    the episode of seed ``s``) to every action before clipping to ±3, and the context records the applied
+    action; with ``reset_noise`` (the env's ``reset_noise_scale``, default 0.01) the start states spread
+    more. Both make the episodes of a deterministic network differ from each other.
 
     Returns:
         ``{"successes", "n", "interval" (Wilson 95 %), "lengths" (list), "mean_length", "success" (list of
@@ -77,8 +84,11 @@ def evaluate_dt(
     K, max_t = cfg.context, cfg.max_ep_len - 1
     p = next(net.parameters())
     dtype, device = p.dtype, p.device
+    if not (np.isfinite(action_noise) and action_noise >= 0):
+        raise ValueError(f"evaluate_dt: action_noise must be finite and >= 0, got {action_noise!r}")
     N = len(seeds)
-    envs = [make_env(task, max_episode_steps=max(1000, max_steps)) for _ in seeds]
+    rngs = [np.random.default_rng([s, 1]) for s in seeds]
+    envs = [make_env(task, max_episode_steps=max(1000, max_steps), reset_noise_scale=reset_noise) for _ in seeds]
     try:
         obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)])  # (N, 4)
         S = np.zeros((N, K, cfg.state_dim))  # rolling windows of normalised inputs, newest last
@@ -117,6 +127,8 @@ def evaluate_dt(
             act = np.clip(normalizer.denorm_actions(y.detach().cpu().double().numpy()), -ACTION_BOUND, ACTION_BOUND)
             for j, i in enumerate(idx):
                 a = act[j]  # (1,)
+                if action_noise > 0:
+                    a = np.clip(a + action_noise * rngs[i].standard_normal(a.shape), -ACTION_BOUND, ACTION_BOUND)
                 obs_i, r, term, trunc, _ = envs[i].step(a.astype(np.float32))
                 obs[i] = obs_i
                 A[i, -1] = normalizer.norm_actions(a)
