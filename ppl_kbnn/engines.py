@@ -382,7 +382,8 @@ class KBNNTransformer(Engine):
         ``jacs[module] = ∂E[y]/∂μ_W`` ``(m, rows, p)``."""
         g = self.guide
         slots = g.belief.layout.slots
-        leaves = {s.module: g.belief.rows(s.index)[0].detach().clone().requires_grad_(True) for s in slots}
+        # leaves that share the buffers' storage: nothing writes into a belief buffer (updates swap in new tensors)
+        leaves = {s.module: g.belief.rows(s.index)[0].detach().requires_grad_(True) for s in slots}
         beliefs = {s.module: (leaves[s.module], g.belief.rows(s.index)[1]) for s in slots}
         prop = Propagator(g._net, beliefs, mode=g.hidden, w_kind=g.belief.w_kind, observe=g.observe)
         with torch.enable_grad(), validation(False):
@@ -404,10 +405,9 @@ class KBNNTransformer(Engine):
     def step(self, x, y):
         g = self.guide
         mu, S, jacs = self.linearise(x)
-        var = torch.diagonal(S)
-        if g.guards.var_floor > 0:
-            var = g.guards.floor(var)
-        S = S - torch.diag(torch.diagonal(S)) + torch.diag(var)
+        if g.guards.var_floor > 0:  # (with no floor this would rebuild S unchanged: (s - s) + s = s)
+            var = g.guards.floor(torch.diagonal(S))
+            S = S - torch.diag(torch.diagonal(S)) + torch.diag(var)
         resid = y.reshape(-1) - mu
         rho = observation(g, S, resid)  # noise variances (m,), None: skip
         if rho is None:
