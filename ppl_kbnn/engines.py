@@ -31,6 +31,7 @@ point; its read-out pushes draws through the network (Monte Carlo). Draws come f
 from __future__ import annotations
 
 import math
+import types
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -163,8 +164,13 @@ class KBNNChain(Engine):
 
             g = self.guide
             nodes = tuple((n.index, None) if hasattr(n, "weight_site") else (None, n.activation) for n in g.nodes)
+            # torch.compile keeps its compiled graphs per code object, at most torch._dynamo.config.recompile_limit
+            # (8) of them: a fresh code object per engine keeps one guide's step from evicting another's
+            f = _chain_diag_step
+            step = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+            step.__kwdefaults__ = f.__kwdefaults__
             fn = functools.partial(
-                _chain_diag_step, nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind, noise_var=float(g.obs_noise) ** 2,
+                step, nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind, noise_var=float(g.obs_noise) ** 2,
                 var_floor=g.guards.var_floor, gain_clip=g.guards.gain_clip, outliers=g.outliers,
                 threshold=g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
             backend = "inductor" if self.compile is True else self.compile
