@@ -115,6 +115,9 @@ class BenchSettings:
         threads: ``torch.set_num_threads`` for the whole run (restored afterwards).
         mlp_hidden, mlp_prior_scale, mlp_obs_noise: the small MLP ``Linear(1, h) → ReLU → Linear(h, 1)``.
         mlp_repeats: timed calls per method of the MLP loop (after ``warmup`` untimed rounds).
+        headline_compile: also time the headline's ``hidden="diag"`` updates with ``compile=headline_compile`` (off by
+            default: compiling a decision transformer's propagation takes minutes); the first update is timed on its
+            own (``compile_s``).
         mlp_compile: also time the MLP updates with ``KalmanGuide(..., compile=mlp_compile)`` (``True``: inductor,
             which needs a C++ compiler; a backend name; ``False``: not timed). The first, compiling update is timed
             on its own (``compile_s``); a failure to compile is recorded, not raised.
@@ -157,6 +160,7 @@ class BenchSettings:
     mlp_obs_noise: float = 0.1
     mlp_repeats: int = 2000
     mlp_compile: bool | str = True
+    headline_compile: bool | str = False
 
     @classmethod
     def full(cls) -> BenchSettings:
@@ -368,6 +372,15 @@ def _headline(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
     for cov in ("diag", "block"):
         for hidden in s.hidden_modes:
             fns[f"kbt-{cov}/{hidden}"], guides[f"kbt-{cov}/{hidden}"] = _kbt_update(p, cov, hidden)
+    compile_s: dict[str, float] = {}
+    if s.headline_compile is not False:
+        for cov in ("diag", "block"):
+            key = f"kbt-{cov}-compiled/diag"
+            log(f"headline: compiling the kbt-{cov} update (compile={s.headline_compile!r})")
+            fns[key], guides[key] = _kbt_update(p, cov, "diag", compile=s.headline_compile)
+            t0 = time.perf_counter()
+            fns[key](-1)  # the first update compiles
+            compile_s[key] = time.perf_counter() - t0
     log(f"headline: {len(fns)} methods x {s.repeats} repeats")
     times = time_interleaved(fns, s.repeats, s.warmup)
     ops = {name: count_ops(lambda fn=fn: fn(0)) for name, fn in fns.items()}  # after the warm-up: steady state
@@ -380,6 +393,7 @@ def _headline(s: BenchSettings, seed: int, log: _Log) -> dict[str, Any]:
             "method": key.split("/")[0], "hidden": guide.hidden, **t,
             "ratio": t["median_ms"] / base["median_ms"], "cpu_ratio": t["cpu_median_ms"] / base["cpu_median_ms"],
             "state_bytes": guide.belief_bytes, "memory_ratio": guide.belief_bytes / adamw_bytes(), "ops": ops[key],
+            **({"compile_s": compile_s[key]} if key in compile_s else {}),
         })  # fmt: skip
     targets = {}
     for method, limit in TARGETS.items():

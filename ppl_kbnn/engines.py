@@ -30,6 +30,7 @@ point; its read-out pushes draws through the network (Monte Carlo). Draws come f
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -148,9 +149,7 @@ class KBNNChain(Engine):
 
     def __init__(self, guide: KalmanGuide, *, compile: bool | str = False) -> None:  # noqa: A002
         super().__init__(guide)
-        if compile is not False and compile is not True and not isinstance(compile, str):
-            raise ValueError(f"compile must be False, True or a torch.compile backend name, got {compile!r}")
-        self.compile = compile
+        self.compile = _compile_arg(compile)
         self._compiled: Any = None  # built on the first compiled step
 
     @classmethod
@@ -160,19 +159,12 @@ class KBNNChain(Engine):
     def _compiled_step(self) -> Any:
         """The compiled sample step of :func:`_chain_diag_step` for this guide's structure and settings."""
         if self._compiled is None:
-            import functools
-
             g = self.guide
             nodes = tuple((n.index, None) if hasattr(n, "weight_site") else (None, n.activation) for n in g.nodes)
-            # torch.compile keeps its compiled graphs per code object, at most torch._dynamo.config.recompile_limit
-            # (8) of them: a fresh code object per engine keeps one guide's step from evicting another's
-            f = _chain_diag_step
-            step = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-            step.__kwdefaults__ = f.__kwdefaults__
             fn = functools.partial(
-                step, nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind, noise_var=float(g.obs_noise) ** 2,
-                var_floor=g.guards.var_floor, gain_clip=g.guards.gain_clip, outliers=g.outliers,
-                threshold=g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
+                _fresh(_chain_diag_step), nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind,
+                noise_var=float(g.obs_noise) ** 2, var_floor=g.guards.var_floor, gain_clip=g.guards.gain_clip,
+                outliers=g.outliers, threshold=g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
             backend = "inductor" if self.compile is True else self.compile
             self._compiled = torch.compile(fn, backend=backend, dynamic=False)
         return self._compiled
@@ -361,6 +353,33 @@ def _chain_diag_step(
     return tuple(new), stats
 
 
+def _transformer_forward(
+    means: list[torch.Tensor], covs: list[torch.Tensor], x: Any, *, net: nn.Module, modules: tuple[str, ...],
+    mode: str, w_kind: str, observe: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``E[y]`` ``(m,)`` and ``Cov(y)`` ``(m, m)`` of one transformer input propagated through the per-row belief
+    ``(means, covs)`` (listed in ``modules`` order)."""
+    prop = Propagator(net, dict(zip(modules, zip(means, covs, strict=True), strict=True)), mode=mode, w_kind=w_kind,
+                      observe=observe)  # fmt: skip
+    out = prop.forward(x)  # mean (1, n_tok, d_out)
+    return out.mean.reshape(-1), full_cov(out, prop.kind)[0]
+
+
+def _fresh(f: Any) -> Any:
+    """A copy of function ``f`` with its own code object: ``torch.compile`` keeps its compiled graphs per code
+    object, at most ``torch._dynamo.config.recompile_limit`` (8) of them, so one guide's step cannot evict
+    another's."""
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    return g
+
+
+def _compile_arg(compile: Any) -> bool | str:  # noqa: A002
+    if compile is not False and compile is not True and not isinstance(compile, str):
+        raise ValueError(f"compile must be False, True or a torch.compile backend name, got {compile!r}")
+    return compile
+
+
 class KBNNTransformer(Engine):
     """KBT: moment propagation through the transformer, every weight row's Kalman update from the statistical
     Jacobian of the observed outputs (:func:`~ppl_kbnn.kalman.weight_update`)."""
@@ -383,30 +402,53 @@ class KBNNTransformer(Engine):
         mean = out.mean  # (N, n_tok, d_out)
         return (mean[:, 0], var[:, 0]) if self.guide.observe == "last" else (mean, var)
 
+    def __init__(self, guide: KalmanGuide, *, compile: bool | str = False) -> None:  # noqa: A002
+        super().__init__(guide)
+        self.compile = _compile_arg(compile)
+        self._compiled: Any = None  # built on the first compiled step
+
+    @classmethod
+    def options(cls) -> set[str]:  # noqa: D102
+        return {"compile"}
+
+    def _forward(self) -> Any:
+        """``(means, covs, x) -> (E[y] (m,), Cov(y) (m, m))``: the propagation of :meth:`linearise` as a function of
+        the rows (``torch.compile``d with its backward pass when the option is on)."""
+        if self._compiled is None:
+            g = self.guide
+            modules = tuple(s.module for s in g.belief.layout.slots)
+            f = _transformer_forward if self.compile is False else _fresh(_transformer_forward)
+            fn = functools.partial(f, net=g._net, modules=modules, mode=g.hidden, w_kind=g.belief.w_kind,
+                                   observe=g.observe)  # fmt: skip
+            self._compiled = fn if self.compile is False else torch.compile(
+                fn, backend="inductor" if self.compile is True else self.compile, dynamic=False)  # fmt: skip
+        return self._compiled
+
     def linearise(self, x: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Forward moments and statistical Jacobians of one input (batch of 1): ``(mean (m,), cov (m, m), jacs)``,
         ``jacs[module] = ∂E[y]/∂μ_W`` ``(m, rows, p)``."""
         g = self.guide
         slots = g.belief.layout.slots
         # leaves that share the buffers' storage: nothing writes into a belief buffer (updates swap in new tensors)
-        leaves = {s.module: g.belief.rows(s.index)[0].detach().requires_grad_(True) for s in slots}
-        beliefs = {s.module: (leaves[s.module], g.belief.rows(s.index)[1]) for s in slots}
-        prop = Propagator(g._net, beliefs, mode=g.hidden, w_kind=g.belief.w_kind, observe=g.observe)
+        leaves = [g.belief.rows(s.index)[0].detach().requires_grad_(True) for s in slots]
+        covs = [g.belief.rows(s.index)[1] for s in slots]
         with torch.enable_grad(), validation(False):
-            out = prop.forward(x)  # mean (1, n_tok, d_out)
-            mu = out.mean.reshape(-1)  # (m,)
+            mu, S = self._forward()(leaves, covs, x)  # (m,), (m, m)
             m = mu.shape[0]
             if m == 1:  # the usual DT read-out; a plain backward pass (vmap costs +30-50% here: 24 vs 32-37 ms)
                 grads = [None if gr is None else gr[None]
-                         for gr in torch.autograd.grad(mu[0], list(leaves.values()), allow_unused=True)]  # fmt: skip
+                         for gr in torch.autograd.grad(mu[0], leaves, allow_unused=True)]  # fmt: skip
+            elif self.compile is not False:  # one backward pass per output through the compiled graph
+                per = [torch.autograd.grad(mu[k], leaves, retain_graph=k < m - 1, allow_unused=True) for k in range(m)]
+                grads = [None if per[0][j] is None else torch.stack([p[j] for p in per]) for j in range(len(leaves))]
             else:  # every output's gradient in one batched backward pass (vmap over the rows of I_m)
-                grads = torch.autograd.grad(mu, list(leaves.values()), grad_outputs=torch.eye(m, dtype=mu.dtype),
+                grads = torch.autograd.grad(mu, leaves, grad_outputs=torch.eye(m, dtype=mu.dtype),
                                             is_grads_batched=True, allow_unused=True)  # fmt: skip
         jacs = {
-            s.module: torch.zeros(m, *leaves[s.module].shape, dtype=mu.dtype) if gr is None else gr
-            for s, gr in zip(slots, grads, strict=True)
+            s.module: torch.zeros(m, *leaf.shape, dtype=mu.dtype) if gr is None else gr
+            for s, leaf, gr in zip(slots, leaves, grads, strict=True)
         }  # (m, rows, p)
-        return mu.detach(), full_cov(out, prop.kind)[0], jacs
+        return mu.detach(), S.detach(), jacs
 
     def step(self, x, y):
         g = self.guide

@@ -189,11 +189,12 @@ class KalmanGuide(PyroModule):
             stays allocated).
         outlier_threshold: the ``d²`` threshold; default ``None``: the ``χ²_m`` quantile at ``1 - 10⁻⁶`` for ``m``
             observed outputs (:func:`~ppl_kbnn.hyper.default_threshold`; 23.93 for ``m = 1``).
-        compile: ``False`` (default): the update runs op by op. ``True``: a KBNN chain's sample step (``update="kbnn"``,
-            ``hidden="diag"``, fixed ``obs_noise``, no ``prior_scale="auto"``) is compiled with ``torch.compile``
-            (inductor: needs a C++ compiler; the first update compiles, tens of seconds); a string names another
-            ``torch.compile`` backend (``"eager"``, ``"aot_eager"``). Same results up to round-off; measured in
-            docs/bench.md.
+        compile: ``False`` (default): the update runs op by op. ``True`` (``update="kbnn"``): compiled with
+            ``torch.compile`` — on a chain the whole sample step (``hidden="diag"``, fixed ``obs_noise``, no
+            ``prior_scale="auto"``), on a transformer the moment propagation with its backward pass (the statistical
+            Jacobian). Inductor needs a C++ compiler; the first update compiles (tens of seconds for a small chain,
+            minutes for a transformer). A string names another ``torch.compile`` backend (``"eager"``,
+            ``"aot_eager"``). Same results up to round-off; measured in docs/bench.md.
 
     The belief is :attr:`belief` (a :class:`~ppl_kbnn.beliefs.Belief`); :meth:`layer` / :meth:`set_layer` read
     and set one linear map's rows. Fixed (non-Bayesian) entries have zero variance and never move.
@@ -329,9 +330,10 @@ class KalmanGuide(PyroModule):
             self.noise = None
         opts = {} if update != "slr" else {"draws": draws, "seed": seed}
         if compile is not False:
-            if self.transformer or update != "kbnn" or hidden != "diag" or (obs_noise, prior_scale) != (None, None):
-                raise ValueError("compile applies to update='kbnn' on a chain with hidden='diag', a fixed obs_noise "
-                                 "and the model's prior (prior_scale=None)")  # fmt: skip
+            chain_ok = hidden == "diag" and (obs_noise, prior_scale) == (None, None)
+            if update != "kbnn" or not (self.transformer or chain_ok):
+                raise ValueError("compile applies to update='kbnn': on a transformer, or on a chain with hidden="
+                                 "'diag', a fixed obs_noise and the model's prior (prior_scale=None)")  # fmt: skip
             opts["compile"] = compile
         if update != "slr" and draws is not None:
             raise ValueError("draws applies to update='slr' (use predict(method='sampled', draws=...) otherwise)")
