@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import types
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -432,7 +433,9 @@ class KBNNTransformer(Engine):
         # leaves that share the buffers' storage: nothing writes into a belief buffer (updates swap in new tensors)
         leaves = [g.belief.rows(s.index)[0].detach().requires_grad_(True) for s in slots]
         covs = [g.belief.rows(s.index)[1] for s in slots]
-        with torch.enable_grad(), validation(False):
+        with torch.enable_grad(), validation(False), warnings.catch_warnings():
+            # torch.compile's tracer reads .grad of intermediate tensors, which warns; nothing here uses .grad
+            warnings.filterwarnings("ignore", "The .grad attribute of a Tensor that is not a leaf", UserWarning)
             mu, S = self._forward()(leaves, covs, x)  # (m,), (m, m)
             m = mu.shape[0]
             if m == 1:  # the usual DT read-out; a plain backward pass (vmap costs +30-50% here: 24 vs 32-37 ms)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ppl_kbnn import BayesianModel, KalmanGuide
+from ppl_kbnn import nn as pk_nn
 from ppl_kbnn.hyper import OutlierWarning
 
 
@@ -144,3 +145,49 @@ def test_an_update_leaves_tensors_read_before_it_untouched():
         guide.update(x, y)
     assert torch.equal(mean, m0) and torch.equal(cov, c0)
     assert not torch.equal(guide.layer("0")[0], m0)
+
+
+def _dt() -> tuple[BayesianModel, dict[str, torch.Tensor], torch.Tensor]:
+    torch.manual_seed(0)
+    net = pk_nn.DecisionTransformer(pk_nn.DTConfig(state_dim=3, act_dim=1, d_model=8, n_layer=1, n_head=2,
+                                                   max_ep_len=20, context=3)).double()  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    n = 4
+    x = {"returns_to_go": torch.randn(n, 3, 1, generator=g, dtype=torch.float64),
+         "states": torch.randn(n, 3, 3, generator=g, dtype=torch.float64),
+         "actions": torch.randn(n, 3, 1, generator=g, dtype=torch.float64).tanh(),
+         "timesteps": torch.randint(0, 20, (n, 3), generator=g)}  # fmt: skip
+    with torch.no_grad():
+        y = net(**x)[:, -1] + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    return BayesianModel(net, prior_scale=0.1, obs_noise=0.1, bayesian="all"), x, y
+
+
+@pytest.mark.parametrize("covariance, hidden", [("block", "token")])
+def test_compiled_transformer_update_equals_the_plain_update(covariance, hidden):
+    model, x, y = _dt()
+    plain = KalmanGuide(model, covariance=covariance, hidden=hidden)
+    comp = KalmanGuide(model, covariance=covariance, hidden=hidden, compile="eager")
+    for i in range(0, 4, 2):
+        plain.update({k: v[i : i + 2] for k, v in x.items()}, y[i : i + 2])
+        comp.update({k: v[i : i + 2] for k, v in x.items()}, y[i : i + 2])
+        _same_state(plain, comp)
+    one = {k: v[:1] for k, v in x.items()}
+    for a, b in zip(plain.engine.linearise(one), comp.engine.linearise(one), strict=True):  # the compiled engine
+        if isinstance(a, dict):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_compiled_transformer_with_every_output_observed():
+    """``observe="all"``: one backward pass per output through the compiled graph instead of one batched pass."""
+    torch.manual_seed(0)
+    net = pk_nn.Transformer(pk_nn.TransformerConfig(d_in=2, d_out=1, d_model=8, n_layer=1, n_head=2,
+                                                    max_len=6)).double()  # fmt: skip
+    model = BayesianModel(net, prior_scale=0.1, obs_noise=0.2, observe="all")
+    x = torch.randn(1, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    plain, comp = KalmanGuide(model), KalmanGuide(model, compile="eager")
+    (mp, Sp, jp), (mc, Sc, jc) = plain.engine.linearise(x), comp.engine.linearise(x)
+    assert mp.shape == (4,) and torch.equal(mp, mc) and torch.equal(Sp, Sc)
+    for k in jp:
+        torch.testing.assert_close(jc[k], jp[k], rtol=1e-12, atol=1e-15)
