@@ -378,6 +378,12 @@ def _fresh(f: Any) -> Any:
 def _compile_arg(compile: Any) -> bool | str:  # noqa: A002
     if compile is not False and compile is not True and not isinstance(compile, str):
         raise ValueError(f"compile must be False, True or a torch.compile backend name, got {compile!r}")
+    if isinstance(compile, str):
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if compile not in known:
+            raise ValueError(f"compile={compile!r} is not a torch.compile backend; known: {known}")
     return compile
 
 

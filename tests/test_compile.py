@@ -131,6 +131,8 @@ def test_compile_rejects_what_it_does_not_cover(kwargs):
 def test_compile_argument_is_checked():
     with pytest.raises(ValueError, match="compile must be"):
         KalmanGuide(_model(), compile=1)
+    with pytest.raises(ValueError, match="not a torch.compile backend"):
+        KalmanGuide(_model(), compile="no-such-backend")
 
 
 def test_an_update_leaves_tensors_read_before_it_untouched():
@@ -191,3 +193,22 @@ def test_compiled_transformer_with_every_output_observed():
     assert mp.shape == (4,) and torch.equal(mp, mc) and torch.equal(Sp, Sc)
     for k in jp:
         torch.testing.assert_close(jc[k], jp[k], rtol=1e-12, atol=1e-15)
+
+
+def test_bench_times_the_compiled_mlp_updates():
+    import dataclasses
+
+    from ppl_kbnn.bench import BenchSettings, _Log, _mlp, _mlp_markdown
+
+    s = dataclasses.replace(BenchSettings.tiny(), mlp_compile="eager")
+    m = _mlp(s, 0, _Log(False))
+    rows = {r["method"]: r for r in m["rows"]}
+    assert set(rows) == {"kbnn-block", "kbnn-diag", "kbnn-block-compiled", "kbnn-diag-compiled", "adamw"}
+    assert rows["kbnn-block-compiled"]["compile_s"] > 0 and rows["kbnn-block-compiled"]["n"] == s.mlp_repeats
+    assert m["target"]["compiled"]["median_ms"] == rows["kbnn-block-compiled"]["median_ms"]
+    assert m["config"]["compile_errors"] == {}
+    text = "\n".join(_mlp_markdown(m))
+    assert "KBNN block update, compiled" in text and "Compiled (`compile='eager'`)" in text
+    bad = _mlp(dataclasses.replace(s, mlp_compile="no-such-backend"), 0, _Log(False))  # recorded, not raised
+    assert set(bad["config"]["compile_errors"]) == {"kbnn-block-compiled", "kbnn-diag-compiled"}
+    assert "Not compiled" in "\n".join(_mlp_markdown(bad))
