@@ -210,7 +210,7 @@ class KalmanGuide(PyroModule):
     _PLAIN: frozenset[str] = frozenset({"_outliers_in_call", "_in_batch", "_cov_factor", "_last_logpdf", "_last_d2",
                                         "n_updates", "update_seconds"})  # fmt: skip
 
-    def __setattr__(self, name: str, value) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         """Set an attribute (the per-update counters of ``_PLAIN`` directly in ``__dict__``)."""
         if name in KalmanGuide._PLAIN and not isinstance(value, torch.Tensor | nn.Module):
             self.__dict__[name] = value
