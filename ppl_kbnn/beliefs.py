@@ -38,6 +38,7 @@ Structures are registered by ``key`` in :data:`BELIEFS`; nothing outside this mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -282,6 +283,14 @@ class Belief(nn.Module):
             raise FloatingPointError(f"the update of {what} produced a non-finite belief")
 
 
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one read-back: the largest magnitude of each tensor
+    (``inf``-norm, one fused call; ``NaN`` and ``±inf`` propagate into it, and it cannot overflow) checked at once."""
+    if not tensors:
+        return True
+    return bool(torch.stack(torch._foreach_norm(list(tensors), math.inf)).isfinite().all())
+
+
 # ------------------------------------------------------------------------------------------------- per-row beliefs
 
 
@@ -308,7 +317,27 @@ class _RowBelief(Belief):
             self.register_buffer(f"mask_{slot.index}", mask)
 
     def rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"mean_{index}"), getattr(self, f"cov_{index}")
+        return self._buffers[f"mean_{index}"], self._buffers[f"cov_{index}"]
+
+    # An update never writes into the row buffers: it computes the new rows into fresh tensors and swaps them in
+    # (:meth:`_swap`). So a snapshot is a set of references (no copies) and a restore swaps them back.
+    def snapshot(self) -> dict:  # noqa: D102
+        state = {k: v for k, v in self._buffers.items() if not k.startswith("mask_")}
+        return {"buffers": state, "attrs": dict(self._counters())}
+
+    def restore(self, snap: dict) -> None:  # noqa: D102
+        self._buffers.update(snap["buffers"])
+        for k, v in snap["attrs"].items():
+            setattr(self, k, v)
+
+    def _swap(self, index: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        """Make ``(mean, cov)`` map ``index``'s rows (the tensors themselves, no copy; nothing is written in place)."""
+        self._buffers[f"mean_{index}"], self._buffers[f"cov_{index}"] = mean, cov
+
+    def scale_cov(self, f: float) -> None:  # noqa: D102
+        for s in self.layout.slots:
+            mean, cov = self.rows(s.index)
+            self._swap(s.index, mean, cov * f)
 
     def check_state(self, state: dict, prefix: str = "") -> None:  # noqa: D102
         for s in self.layout.slots:
@@ -379,22 +408,32 @@ class _RowBelief(Belief):
         for s in self.layout.slots:
             mean, cov = self.rows(s.index)
             new[s.index] = cross_update(mean, cov, self.layout.gather(c, s.index), S, resid, self.w_kind, S_inv=S_inv)
-        for index, (mean, cov) in new.items():
-            self._commit(index, mean, cov)
+        self.update_rows(new)
 
     def update_rows(self, new: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Commit new ``{layer: (mean, cov)}`` rows computed by an engine (guards applied, finite checked)."""
-        for index, (mean, cov) in new.items():
-            self._commit(index, mean, cov)
+        """Commit new ``{layer: (mean, cov)}`` rows computed by an engine: guards applied to every layer, one
+        finiteness check of all of them, then all swapped in (no layer is committed if any is non-finite)."""
+        done = {index: self._guarded(index, mean, cov) for index, (mean, cov) in new.items()}
+        if not _all_finite([t for pair in done.values() for t in pair]):
+            for index, (mean, cov) in done.items():  # name the first non-finite layer
+                self._check_finite(f"linear layer {index}", mean, cov)
+        for index, (mean, cov) in done.items():
+            self._swap(index, mean, cov)
 
     def add_process_noise(self, q: float) -> None:
         for s in self.layout.slots:
-            _, cov = self.rows(s.index)
+            mean, cov = self.rows(s.index)
             v = q * getattr(self, f"mask_{s.index}").to(cov.dtype)
-            cov += torch.diag_embed(v) if self.w_kind == "block" else v
+            self._swap(s.index, mean, cov + (torch.diag_embed(v) if self.w_kind == "block" else v))
+
+    def _guarded(self, index: int, mean: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows to commit for map ``index``: symmetrised (block), jitter and PSD repair applied (counted)."""
+        raise NotImplementedError
 
     def _commit(self, index: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
-        raise NotImplementedError
+        mean, cov = self._guarded(index, mean, cov)
+        self._check_finite(f"linear layer {index}", mean, cov)
+        self._swap(index, mean, cov)
 
 
 class BlockBelief(_RowBelief):
@@ -418,7 +457,7 @@ class BlockBelief(_RowBelief):
             P[rows[pairs].to(P.device), cols[pairs].to(P.device)] = cov[pairs.to(cov.device)]
         return P
 
-    def _commit(self, index, mean, cov):
+    def _guarded(self, index, mean, cov):
         cov = 0.5 * (cov + cov.mT)
         g = self.guards
         if g.jitter > 0:
@@ -431,9 +470,7 @@ class BlockBelief(_RowBelief):
                 g.counts["psd_repair"] += int(bad.sum())
                 fixed = (evecs * evals.clamp_min(0)[..., None, :]) @ evecs.mT
                 cov = torch.where(bad[:, None, None], fixed, cov)
-        self._check_finite(f"linear layer {index}", mean, cov)
-        getattr(self, f"mean_{index}").copy_(mean)
-        getattr(self, f"cov_{index}").copy_(cov)
+        return mean, cov
 
     def _n_normals(self):
         return sum(self.rows(s.index)[0].numel() for s in self.layout.slots)
@@ -468,7 +505,7 @@ class DiagBelief(_RowBelief):
     def cov_jac(self, J):
         return self.marginal_var()[:, None] * J.mT
 
-    def _commit(self, index, mean, cov):
+    def _guarded(self, index, mean, cov):
         g = self.guards
         if g.jitter > 0:
             g.counts["jitter"] += 1
@@ -476,9 +513,7 @@ class DiagBelief(_RowBelief):
         if g.psd_repair and (cov < 0).any():
             g.counts["psd_repair"] += int((cov < 0).sum())
             cov = cov.clamp_min(0)
-        self._check_finite(f"linear layer {index}", mean, cov)
-        getattr(self, f"mean_{index}").copy_(mean)
-        getattr(self, f"cov_{index}").copy_(cov)
+        return mean, cov
 
     def _draw(self, z):
         return self.mean + self.marginal_var().clamp_min(0).sqrt() * z

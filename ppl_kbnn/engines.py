@@ -30,6 +30,10 @@ point; its read-out pushes draws through the network (Monte Carlo). Draws come f
 
 from __future__ import annotations
 
+import functools
+import math
+import types
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -46,6 +50,7 @@ from .kalman import (
     smooth_linear_full,
     weight_update,
 )
+from .kalman.steps import _safe_div, _weight_update
 from .moments import activation_moments, linear_moments, validation
 from .propagate import Propagator, full_cov
 
@@ -132,9 +137,38 @@ class Engine:
 
 
 class KBNNChain(Engine):
-    """KBNN on an ``nn.Sequential`` chain: forward moments, output filter, smoothing I/II (:mod:`ppl_kbnn.kalman`)."""
+    """KBNN on an ``nn.Sequential`` chain: forward moments, output filter, smoothing I/II (:mod:`ppl_kbnn.kalman`).
+
+    Option ``compile`` (``hidden="diag"``, fixed observation noise, one prior): ``False`` (default) runs the step
+    op by op; ``True`` compiles the whole sample step (forward moments, observation test, filter, smoothing, guard
+    counts) with ``torch.compile`` (inductor, which needs a C++ compiler) and ``"eager"`` / ``"aot_eager"`` / any
+    other backend name uses that backend. The compiled step returns the new rows and every count as tensors, read
+    back once per sample; the results equal the op-by-op step up to round-off (fused kernels reorder sums).
+    """
 
     key, beliefs, readout = "kbnn", (BlockBelief, DiagBelief), "moments"
+
+    def __init__(self, guide: KalmanGuide, *, compile: bool | str = False) -> None:  # noqa: A002
+        super().__init__(guide)
+        self.compile = _compile_arg(compile)
+        self._compiled: Any = None  # built on the first compiled step
+
+    @classmethod
+    def options(cls) -> set[str]:  # noqa: D102
+        return {"compile"}
+
+    def _compiled_step(self) -> Any:
+        """The compiled sample step of :func:`_chain_diag_step` for this guide's structure and settings."""
+        if self._compiled is None:
+            g = self.guide
+            nodes = tuple((n.index, None) if hasattr(n, "weight_site") else (None, n.activation) for n in g.nodes)
+            fn = functools.partial(
+                _fresh(_chain_diag_step), nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind,
+                noise_var=float(g.obs_noise) ** 2, var_floor=g.guards.var_floor, gain_clip=g.guards.gain_clip,
+                outliers=g.outliers, threshold=g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
+            backend = "inductor" if self.compile is True else self.compile
+            self._compiled = torch.compile(fn, backend=backend, dynamic=False)
+        return self._compiled
 
     def forward_moments(self, x: torch.Tensor, beliefs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Moments of the network output for inputs ``x`` ``(..., T, d_in)``; the cache holds, per node,
@@ -155,8 +189,40 @@ class KBNNChain(Engine):
 
     def step(self, x, y):
         g = self.guide
+        if self.compile is not False and self._step_compiled(x, y):
+            return
         new = self._backward_full(x, y) if g.hidden == "full" else self._backward_diag(x, y)
         g.belief.update_rows(new)
+
+    def _step_compiled(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """The compiled sample step; ``False`` (nothing changed) where the op-by-op step must run instead (an
+        innovation covariance that is not positive definite)."""
+        g = self.guide
+        slots = g.belief.layout.slots
+        rows = tuple(t for s in slots for t in g.belief.rows(s.index))
+        with validation(False):
+            new, stats = self._compiled_step()(x, y, rows)
+        d2, logdet, n_floor, n_clip, info, finite = stats.tolist()  # the one read-back of the sample
+        if info != 0:
+            return False
+        m = y.shape[0]
+        g._last_d2, g._last_logpdf = d2, -0.5 * (d2 + logdet + m * math.log(2 * math.pi))
+        if d2 > g._outlier_threshold(m):
+            g.guards.counts["outlier"] += 1
+            g._outliers_in_call += 1
+            if g.outliers == "gate":
+                return True
+        if n_floor:
+            g.guards.counts["var_floor"] += int(n_floor)
+        if n_clip:
+            g.guards.counts["gain_clip"] += int(n_clip)
+        rows = {s.index: (new[2 * k], new[2 * k + 1]) for k, s in enumerate(slots)}
+        if finite and not (g.guards.jitter > 0 or g.guards.psd_repair):  # nothing left to apply or check
+            for index, (mean, cov) in rows.items():
+                g.belief._swap(index, mean, cov)
+        else:
+            g.belief.update_rows(rows)
+        return True
 
     def _backward_diag(self, x, y):
         """KBNN: filter at the output, then smoothing I/II with diagonal hidden states."""
@@ -212,6 +278,115 @@ class KBNNChain(Engine):
         return mean[:, 0], var[:, 0]
 
 
+def _chain_diag_step(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rows: tuple[torch.Tensor, ...],
+    *,
+    nodes: tuple[tuple[int | None, str | None], ...],
+    kind: str,
+    w_kind: str,
+    noise_var: float,
+    var_floor: float,
+    gain_clip: float | None,
+    outliers: str,
+    threshold: float,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """One KBNN chain sample step (``hidden="diag"``, fixed noise) as a pure function of tensors, for
+    ``torch.compile``: the same operations as :meth:`KBNNChain._backward_diag` with the guards counted as tensors.
+
+    ``rows``: ``(mean_0, cov_0, mean_1, cov_1, ...)`` in layer order; ``nodes``: per node ``(layer index, None)``
+    or ``(None, activation)``. Returns the new rows (same layout; a layer the step does not reach keeps its
+    tensors; block covariances symmetrised) and ``stats`` ``(6,)``: ``d²``, ``log det S``, var-floor and gain-clip
+    counts, Cholesky ``info``, and 1 if every new row is finite (else 0).
+    """
+    mean, cov, cache = x[None, :], None, []
+    for index, act in nodes:
+        if index is not None:
+            out = linear_moments(mean, cov, rows[2 * index], rows[2 * index + 1], kind=kind, w_kind=w_kind)
+        else:
+            out = activation_moments(mean, cov, activation=act, kind=kind)
+        cache.append((index, cov, out))
+        mean, cov = out.mean, out.cov
+    var = cov  # (1, d_out)
+    resid = y - mean[0]
+    R = torch.full(resid.shape, noise_var, dtype=resid.dtype, device=resid.device)
+    S = torch.diag(var[0]) + torch.diag(R)  # as ppl_kbnn.hyper.observation
+    L, info = torch.linalg.cholesky_ex(S)
+    z = torch.linalg.solve_triangular(L, resid[:, None], upper=False)[:, 0]
+    d2 = z @ z
+    logdet = 2.0 * torch.log(torch.diagonal(L)).sum()
+    if outliers == "wolf":
+        R = R / (1.0 / (1.0 + d2 / threshold))
+    n_floor = n_clip = torch.zeros((), dtype=var.dtype, device=var.device)
+
+    def clip(k: torch.Tensor) -> torch.Tensor:
+        nonlocal n_clip
+        if gain_clip is None:
+            return k
+        n_clip = n_clip + (k.abs() > gain_clip).sum()
+        return k.clamp(-gain_clip, gain_clip)
+
+    filt_mean, filt_var = filter_step(mean, var, y[None, :], R)
+    d_mean, d_var = filt_mean - mean, filt_var - var
+    new = list(rows)
+    for index, in_var, out in reversed(cache):
+        if index is None:
+            k = clip(_safe_div(out.cross, out.cov))
+            d_mean, d_var_in = k * d_mean, k * k * d_var
+        else:
+            Kw = clip(_safe_div(out.w_cross, out.cov[..., None]))
+            dmw, dcw = _weight_update(Kw, d_mean, d_var, w_kind)
+            new[2 * index], new[2 * index + 1] = rows[2 * index] + dmw, rows[2 * index + 1] + dcw
+            if out.cross is None:
+                break
+            Ku = clip(_safe_div(out.cross, out.cov[..., None, :]))
+            d_mean = torch.einsum("...tin,...tn->...ti", Ku, d_mean)
+            d_var_in = torch.einsum("...tin,...tn->...ti", Ku * Ku, d_var)
+        v = in_var + d_var_in
+        low = v < var_floor
+        n_floor = n_floor + low.sum()
+        d_var = torch.where(low, var_floor, v) - in_var
+    if w_kind == "block":  # symmetrised as BlockBelief commits them (the same ops; repeating them changes nothing)
+        new[1::2] = [0.5 * (c + c.mT) for c in new[1::2]]
+    finite = torch.stack([torch.isfinite(t).all() for t in new]).all()
+    stats = torch.stack([d2, logdet, n_floor.to(d2.dtype), n_clip.to(d2.dtype), info.to(d2.dtype), finite.to(d2.dtype)])
+    return tuple(new), stats
+
+
+def _transformer_forward(
+    means: list[torch.Tensor], covs: list[torch.Tensor], x: Any, *, net: nn.Module, modules: tuple[str, ...],
+    mode: str, w_kind: str, observe: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``E[y]`` ``(m,)`` and ``Cov(y)`` ``(m, m)`` of one transformer input propagated through the per-row belief
+    ``(means, covs)`` (listed in ``modules`` order)."""
+    prop = Propagator(net, dict(zip(modules, zip(means, covs, strict=True), strict=True)), mode=mode, w_kind=w_kind,
+                      observe=observe)  # fmt: skip
+    out = prop.forward(x)  # mean (1, n_tok, d_out)
+    return out.mean.reshape(-1), full_cov(out, prop.kind)[0]
+
+
+def _fresh(f: Any) -> Any:
+    """A copy of function ``f`` with its own code object: ``torch.compile`` keeps its compiled graphs per code
+    object, at most ``torch._dynamo.config.recompile_limit`` (8) of them, so one guide's step cannot evict
+    another's."""
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    return g
+
+
+def _compile_arg(compile: Any) -> bool | str:  # noqa: A002
+    if compile is not False and compile is not True and not isinstance(compile, str):
+        raise ValueError(f"compile must be False, True or a torch.compile backend name, got {compile!r}")
+    if isinstance(compile, str):
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if compile not in known:
+            raise ValueError(f"compile={compile!r} is not a torch.compile backend; known: {known}")
+    return compile
+
+
 class KBNNTransformer(Engine):
     """KBT: moment propagation through the transformer, every weight row's Kalman update from the statistical
     Jacobian of the observed outputs (:func:`~ppl_kbnn.kalman.weight_update`)."""
@@ -234,38 +409,62 @@ class KBNNTransformer(Engine):
         mean = out.mean  # (N, n_tok, d_out)
         return (mean[:, 0], var[:, 0]) if self.guide.observe == "last" else (mean, var)
 
+    def __init__(self, guide: KalmanGuide, *, compile: bool | str = False) -> None:  # noqa: A002
+        super().__init__(guide)
+        self.compile = _compile_arg(compile)
+        self._compiled: Any = None  # built on the first compiled step
+
+    @classmethod
+    def options(cls) -> set[str]:  # noqa: D102
+        return {"compile"}
+
+    def _forward(self) -> Any:
+        """``(means, covs, x) -> (E[y] (m,), Cov(y) (m, m))``: the propagation of :meth:`linearise` as a function of
+        the rows (``torch.compile``d with its backward pass when the option is on)."""
+        if self._compiled is None:
+            g = self.guide
+            modules = tuple(s.module for s in g.belief.layout.slots)
+            f = _transformer_forward if self.compile is False else _fresh(_transformer_forward)
+            fn = functools.partial(f, net=g._net, modules=modules, mode=g.hidden, w_kind=g.belief.w_kind,
+                                   observe=g.observe)  # fmt: skip
+            self._compiled = fn if self.compile is False else torch.compile(
+                fn, backend="inductor" if self.compile is True else self.compile, dynamic=False)  # fmt: skip
+        return self._compiled
+
     def linearise(self, x: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Forward moments and statistical Jacobians of one input (batch of 1): ``(mean (m,), cov (m, m), jacs)``,
         ``jacs[module] = ∂E[y]/∂μ_W`` ``(m, rows, p)``."""
         g = self.guide
         slots = g.belief.layout.slots
-        leaves = {s.module: g.belief.rows(s.index)[0].detach().clone().requires_grad_(True) for s in slots}
-        beliefs = {s.module: (leaves[s.module], g.belief.rows(s.index)[1]) for s in slots}
-        prop = Propagator(g._net, beliefs, mode=g.hidden, w_kind=g.belief.w_kind, observe=g.observe)
-        with torch.enable_grad(), validation(False):
-            out = prop.forward(x)  # mean (1, n_tok, d_out)
-            mu = out.mean.reshape(-1)  # (m,)
+        # leaves that share the buffers' storage: nothing writes into a belief buffer (updates swap in new tensors)
+        leaves = [g.belief.rows(s.index)[0].detach().requires_grad_(True) for s in slots]
+        covs = [g.belief.rows(s.index)[1] for s in slots]
+        with torch.enable_grad(), validation(False), warnings.catch_warnings():
+            # torch.compile's tracer reads .grad of intermediate tensors, which warns; nothing here uses .grad
+            warnings.filterwarnings("ignore", "The .grad attribute of a Tensor that is not a leaf", UserWarning)
+            mu, S = self._forward()(leaves, covs, x)  # (m,), (m, m)
             m = mu.shape[0]
             if m == 1:  # the usual DT read-out; a plain backward pass (vmap costs +30-50% here: 24 vs 32-37 ms)
                 grads = [None if gr is None else gr[None]
-                         for gr in torch.autograd.grad(mu[0], list(leaves.values()), allow_unused=True)]  # fmt: skip
+                         for gr in torch.autograd.grad(mu[0], leaves, allow_unused=True)]  # fmt: skip
+            elif self.compile is not False:  # one backward pass per output through the compiled graph
+                per = [torch.autograd.grad(mu[k], leaves, retain_graph=k < m - 1, allow_unused=True) for k in range(m)]
+                grads = [None if per[0][j] is None else torch.stack([p[j] for p in per]) for j in range(len(leaves))]
             else:  # every output's gradient in one batched backward pass (vmap over the rows of I_m)
-                eye = torch.eye(m, dtype=mu.dtype, device=mu.device)
-                grads = torch.autograd.grad(mu, list(leaves.values()), grad_outputs=eye, is_grads_batched=True,
-                                            allow_unused=True)  # fmt: skip
+                grads = torch.autograd.grad(mu, leaves, grad_outputs=torch.eye(m, dtype=mu.dtype, device=mu.device),
+                                            is_grads_batched=True, allow_unused=True)  # fmt: skip
         jacs = {
-            s.module: torch.zeros(m, *leaves[s.module].shape, dtype=mu.dtype, device=mu.device) if gr is None else gr
-            for s, gr in zip(slots, grads, strict=True)
+            s.module: torch.zeros(m, *leaf.shape, dtype=mu.dtype, device=mu.device) if gr is None else gr
+            for s, leaf, gr in zip(slots, leaves, grads, strict=True)
         }  # (m, rows, p)
-        return mu.detach(), full_cov(out, prop.kind)[0], jacs
+        return mu.detach(), S.detach(), jacs
 
     def step(self, x, y):
         g = self.guide
         mu, S, jacs = self.linearise(x)
-        var = torch.diagonal(S)
-        if g.guards.var_floor > 0:
-            var = g.guards.floor(var)
-        S = S - torch.diag(torch.diagonal(S)) + torch.diag(var)
+        if g.guards.var_floor > 0:  # (with no floor this would rebuild S unchanged: (s - s) + s = s)
+            var = g.guards.floor(torch.diagonal(S))
+            S = S - torch.diag(torch.diagonal(S)) + torch.diag(var)
         resid = y.reshape(-1) - mu
         rho = observation(g, S, resid)  # noise variances (m,), None: skip
         if rho is None:

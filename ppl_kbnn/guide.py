@@ -191,6 +191,12 @@ class KalmanGuide(PyroModule):
             stays allocated).
         outlier_threshold: the ``d²`` threshold; default ``None``: the ``χ²_m`` quantile at ``1 - 10⁻⁶`` for ``m``
             observed outputs (:func:`~ppl_kbnn.hyper.default_threshold`; 23.93 for ``m = 1``).
+        compile: ``False`` (default): the update runs op by op. ``True`` (``update="kbnn"``): compiled with
+            ``torch.compile`` — on a chain the whole sample step (``hidden="diag"``, fixed ``obs_noise``, no
+            ``prior_scale="auto"``), on a transformer the moment propagation with its backward pass (the statistical
+            Jacobian). Inductor needs a C++ compiler; the first update compiles (tens of seconds for a small chain,
+            minutes for a transformer). A string names another ``torch.compile`` backend (``"eager"``,
+            ``"aot_eager"``). Same results up to round-off; measured in docs/bench.md.
 
     The belief is :attr:`belief` (a :class:`~ppl_kbnn.beliefs.Belief`); :meth:`layer` / :meth:`set_layer` read
     and set one linear map's rows. Fixed (non-Bayesian) entries have zero variance and never move.
@@ -205,6 +211,18 @@ class KalmanGuide(PyroModule):
     tiny transformer on a loaded 2-core machine). ``update`` warns once per process when the thread count
     cannot help (:func:`ppl_kbnn._threads.warn_if_oversubscribed`).
     """
+
+    # Plain Python counters set on every update: stored directly (Module.__setattr__ checks each assignment against
+    # parameters, buffers and submodules: a few microseconds each, several times per sample).
+    _PLAIN: frozenset[str] = frozenset({"_outliers_in_call", "_in_batch", "_cov_factor", "_last_logpdf", "_last_d2",
+                                        "n_updates", "update_seconds"})  # fmt: skip
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Set an attribute (the per-update counters of ``_PLAIN`` directly in ``__dict__``)."""
+        if name in KalmanGuide._PLAIN and not isinstance(value, torch.Tensor | nn.Module):
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     def __init__(
         self,
@@ -227,6 +245,7 @@ class KalmanGuide(PyroModule):
         outlier_threshold: float | None = None,
         prior_scale: str | None = None,
         prior_warmup: int | None = None,
+        compile: bool | str = False,  # noqa: A002
     ) -> None:
         super().__init__()
         if not isinstance(model, BayesianModel):
@@ -319,6 +338,12 @@ class KalmanGuide(PyroModule):
         else:
             self.noise = None
         opts = {} if update != "slr" else {"draws": draws, "seed": seed}
+        if compile is not False:
+            chain_ok = hidden == "diag" and (obs_noise, prior_scale) == (None, None)
+            if update != "kbnn" or not (self.transformer or chain_ok):
+                raise ValueError("compile applies to update='kbnn': on a transformer, or on a chain with hidden="
+                                 "'diag', a fixed obs_noise and the model's prior (prior_scale=None)")  # fmt: skip
+            opts["compile"] = compile
         if update != "slr" and draws is not None:
             raise ValueError("draws applies to update='slr' (use predict(method='sampled', draws=...) otherwise)")
         self.engine = engine_cls(self, **opts)

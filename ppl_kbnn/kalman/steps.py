@@ -35,8 +35,8 @@ from .guards import Guards
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` where ``den > 0``, else 0 (a node with no variance carries no update)."""
-    pos = den > 0
-    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
+    pos = den > 0  # no gradient flows through these steps: the masked quotients (x/0) need no safe denominator
+    return torch.where(pos, num / den, 0.0)
 
 
 def _weight_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +44,11 @@ def _weight_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w_kind: st
 
     ``c`` ``(..., T, n, p)``; ``a``, ``b`` ``(..., T, n)``; leading batch dims and tokens are summed.
     """
+    if a.dim() == 2 and a.shape[0] == 1:  # one token, no batch (a chain's sample): nothing is summed, single products
+        c0, a0, b0 = c[0], a[0, :, None], b[0, :, None]  # (n, p), (n, 1), (n, 1)
+        if w_kind == "block":
+            return c0 * a0, c0[:, :, None] * (c0 * b0)[:, None, :]
+        return c0 * a0, (c0 * c0) * b0
     batch = "".join(chr(ord("A") + i) for i in range(a.dim() - 2))
     d_mean = torch.einsum(f"{batch}tnp,{batch}tn->np", c, a)
     if w_kind == "block":  # two operands: no contraction-path search per call (the path opt_einsum picks)
@@ -196,7 +201,7 @@ def weight_update(
             not used); without it every call solves with ``S``.
     """
     if w_kind == "block":
-        c = torch.einsum("npq,knq->npk", cov, jac)  # (n, p, m)
+        c = torch.einsum("npq,knq->npk", cov, jac) if jac.shape[0] > 1 else cov @ jac[0, :, :, None]  # (n, p, m)
     else:
         c = cov[..., None] * jac.permute(1, 2, 0)  # (n, p, m)
     return cross_update(mean, cov, c, S, resid, w_kind, S_inv=S_inv)
@@ -219,6 +224,12 @@ def cross_update(
     with ``c_n = Cov(w_n, y)`` ``(n, p, m)`` (from a Jacobian, :func:`weight_update`, or from draws: statistical
     linear regression). Rows stay independent; ``"diag"`` keeps the diagonal of ``C_n^+``.
     """
+    if S_inv is not None and c.shape[-1] == 1:  # one output: every product below is a single product (no sums)
+        K = c * S_inv  # (n, p, 1)
+        new_mean = mean + K[..., 0] * resid
+        if w_kind == "block":
+            return new_mean, cov - K * c.mT
+        return new_mean, cov - (K * c)[..., 0]
     K = c @ S_inv if S_inv is not None else torch.linalg.solve(S, c.mT).mT  # c S⁻¹ (S symmetric): (n, p, m)
     new_mean = mean + K @ resid
     if w_kind == "block":

@@ -39,6 +39,7 @@ def hermite(u: torch.Tensor, K: int) -> torch.Tensor:
     return torch.stack(hs[: K + 1], dim=-1)
 
 
+@torch.compiler.disable  # numpy and a cache: run as Python under torch.compile (a graph break, GELU only)
 @functools.lru_cache(maxsize=8)
 def _legendre(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     x, w = np.polynomial.legendre.leggauss(n)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -79,16 +79,32 @@ def _no_coeffs(m: torch.Tensor) -> torch.Tensor:
     return m.new_empty(*m.shape, 0)
 
 
-@functools.lru_cache(maxsize=64)
+def _tensor_cache(make: Callable[..., Any]) -> Callable[..., Any]:
+    """Cache the constant tensors ``make(*args)`` per ``args`` (made outside inference mode, so plain tensors); while
+    ``torch.compile`` traces, build them in the graph instead (the cache and the mode switch are not traceable)."""
+    cached = functools.lru_cache(maxsize=64)(lambda *args: _outside_inference_mode(make, *args))
+
+    @functools.wraps(make)
+    def get(*args: Any) -> Any:
+        return make(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return get
+
+
+def _outside_inference_mode(make: Callable[..., Any], *args: Any) -> Any:
+    with torch.inference_mode(False):  # plain tensors even if first made under inference mode
+        return make(*args)
+
+
+@_tensor_cache
 def _series_constants(
     K: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``k = 1..K``, ``k!`` (as ``exp(lgamma(k + 1))``) and ``1/√k!`` (as ``exp(-lgamma(k + 1)/2)``), made once
     per ``(K, dtype, device)``: the same values the series used to rebuild on every call."""
-    with torch.inference_mode(False):  # plain tensors even if first made under inference mode
-        k = torch.arange(1, K + 1, dtype=dtype, device=device)
-        lg = torch.lgamma(k + 1)
-        return k, torch.exp(lg), torch.exp(-0.5 * lg)
+    k = torch.arange(1, K + 1, dtype=dtype, device=device)
+    lg = torch.lgamma(k + 1)
+    return k, torch.exp(lg), torch.exp(-0.5 * lg)
 
 
 def _series_var(coeffs: torch.Tensor) -> torch.Tensor:
@@ -172,9 +188,9 @@ def _gelu_coeffs(m: torch.Tensor, v: torch.Tensor, K: int) -> torch.Tensor:
     return torch.cat([first[..., None], higher], dim=-1)[..., :K]
 
 
-@functools.lru_cache(maxsize=8)
 def _sigmoid_polynomials(K: int) -> tuple[tuple[float, ...], ...]:
-    """Coefficients (in powers of ``s``, degree ``k + 1``) of ``P_k``, ``sig^{(k)} = P_k(sig)``, ``k = 1..K``."""
+    """Coefficients (in powers of ``s``, degree ``k + 1``) of ``P_k``, ``sig^{(k)} = P_k(sig)``, ``k = 1..K`` (cached
+    as tensors by :func:`_sigmoid_tables`)."""
     coeffs = [0.0, 1.0, -1.0]  # P_1(s) = s - s²
     out = []
     for _ in range(K):
@@ -188,13 +204,12 @@ def _sigmoid_polynomials(K: int) -> tuple[tuple[float, ...], ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=16)
+@_tensor_cache
 def _sigmoid_tables(K: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The polynomial coefficients ``(K, K + 2)`` of :func:`_sigmoid_polynomials` and the powers ``0..K+1``,
     as tensors made once per ``(K, dtype, device)``."""
-    with torch.inference_mode(False):  # plain tensors even if first made under inference mode
-        return (torch.tensor(_sigmoid_polynomials(K), dtype=dtype, device=device),
-                torch.arange(K + 2, dtype=dtype, device=device))  # fmt: skip
+    return (torch.tensor(_sigmoid_polynomials(K), dtype=dtype, device=device),
+            torch.arange(K + 2, dtype=dtype, device=device))  # fmt: skip
 
 
 def _sigmoid_derivatives(s: torch.Tensor, K: int) -> torch.Tensor:
