@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from ..hyper import PRIOR_GRID, OutlierWarning
+from ._md import checks_md, findings_md
 
 STRUCTURES = {"block": ("block", "kbnn"), "diag": ("diag", "kbnn"), "full-ekf": ("full", "ekf"),
               "diag-ekf": ("diag", "ekf")}  # fmt: skip
@@ -353,12 +354,10 @@ def _markdown(res: dict[str, Any], command: str) -> str:
         "Checks:",
         "",
     ]  # fmt: skip
-    for c in res["checks"]:
-        lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** `{c['name']}`: {c['detail']}")
+    lines += checks_md(res["checks"])
     if res["findings"]:
         lines += ["", "Findings (measured in this run; reported, not checks):", ""]
-        for f in res["findings"]:
-            lines.append(f"- **{'HOLDS' if f['holds'] else 'DOES NOT HOLD'}** `{f['name']}`: {f['detail']}")
+        lines += findings_md(res["findings"])
     lines += ["", f"![hyper]({res['figure']})", ""]
     return "\n".join(lines)
 

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from ..guide import KalmanGuide
 from ..model import BayesianModel
 from ..nn import Transformer, TransformerConfig
+from ._md import checks_md
 
 N_UPDATES = 100
 TOL = 1e-10
@@ -227,8 +228,7 @@ def _markdown(result: dict[str, Any], command: str) -> str:
             f"| {r['max_abs_cov']:.3g} | {r['final_cov_shrink']:.3g} |"
         )
     lines += ["", "Checks:", ""]
-    for c in result["checks"]:
-        lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** `{c['name']}`: {c['detail']}")
+    lines += checks_md(result["checks"])
     lines.append("")
     if result.get("figure"):
         lines += [f"![linear_exact]({result['figure']})", ""]

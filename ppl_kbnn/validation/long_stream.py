@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ._md import checks_md
+
 FULL = {"n_updates": 100_000, "check_every": 100, "kinds": ("block", "diag"), "process_noise": 1e-6}
 QUICK = {"n_updates": 2_000, "check_every": 100, "kinds": ("block", "diag"), "process_noise": 1e-6}
 WIDTHS = (2, 8, 8, 1)
@@ -172,8 +174,7 @@ def _markdown(result: dict[str, Any], command: str) -> str:
             f"| {r['updates_per_cpu_s']:.0f} |"
         )
     lines += ["", "Checks:", ""]
-    for c in result["checks"]:
-        lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** `{c['name']}`: {c['detail']}")
+    lines += checks_md(result["checks"])
     lines.append("")
     return "\n".join(lines)
 

@@ -41,6 +41,7 @@ from ..guide import KalmanGuide
 from ..mc import network_samples
 from ..model import BayesianModel
 from ..propagate import MODES
+from ._md import checks_md
 from .network import CASES, NetCase, make_case, network_moments_rows
 
 FULL = {"cases": CASES, "scales": (0.01, 0.05, 0.1), "n_updates": (0, 50), "w_kinds": ("block", "diag"),
@@ -260,8 +261,7 @@ def _markdown(result: dict[str, Any], command: str) -> str:
             )
         lines.append("")
     lines += ["Checks:", ""]
-    for c in result["checks"]:
-        lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** `{c['name']}`: {c['detail']}")
+    lines += checks_md(result["checks"])
     lines.append("")
     if result.get("figure"):
         lines += [f"![network_moments]({result['figure']})", ""]

@@ -91,6 +91,7 @@ from ..moments import (
 )
 from ..moments.activations import LAMBDA2
 from ..moments.kinds import flatten_joint
+from ._md import checks_md
 
 FULL_SAMPLES = 400_000
 QUICK_SAMPLES = 100_000
@@ -848,8 +849,7 @@ def _markdown(result: dict[str, Any], command: str) -> str:
             f"| {r['mean_mc_stderr']:.1e} |"
         )
     lines += ["", "Checks:", ""]
-    for c in result["checks"]:
-        lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** `{c['name']}`: {c['detail']}")
+    lines += checks_md(result["checks"])
     lines.append("")
     if result.get("figure"):
         lines += [f"![ops]({result['figure']})", ""]

@@ -93,6 +93,7 @@ from ..inference import (
 )
 from ..model import BayesianModel
 from ..toy import pretrained_mlp, regression_stream, teacher_student_transformer
+from ._md import checks_md, findings_md
 
 PROBLEMS: dict[str, dict[str, Any]] = {
     "mlp": {"width": 16, "prior_scale": 0.1, "obs_noise": 0.1, "n_train": 50, "kbt_hidden": "diag", "bayesian": "all"},
@@ -522,12 +523,9 @@ def _markdown(result: dict[str, Any], command: str) -> str:
             "",
         ]
     lines += ["Checks:", ""]
-    for c in result["checks"]:
-        lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** `{c['name']}`: {c['detail']}")
+    lines += checks_md(result["checks"])
     lines += ["", "Findings (measured in this run; reported, not checks):", ""]
-    for f in result["findings"]:
-        mark = {True: "HOLDS", False: "DOES NOT HOLD", None: "NOTE"}[f["holds"]]
-        lines.append(f"- **{mark}** `{f['name']}`: {f['detail']}")
+    lines += findings_md(result["findings"])
     lines.append("")
     if result.get("figure"):
         lines += [f"![posterior]({result['figure']})", ""]

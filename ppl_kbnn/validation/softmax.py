@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from ..mc import sample_gaussian
 from ..moments import softmax_moments
+from ._md import checks_md
 
 NS: tuple[int, ...] = (4, 10, 30)
 SCALES: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -217,9 +218,7 @@ def _markdown(result: dict[str, Any], command: str) -> str:
             f"| {_fmt(r.get('order2_gain'), '.3g')} |"
         )
     lines += ["", "Checks:", ""]
-    for c in result["checks"]:
-        mark = "PASS" if c["passed"] else "FAIL"
-        lines.append(f"- **{mark}** `{c['name']}`: {c['detail']}")
+    lines += checks_md(result["checks"])
     lines.append("")
     if result.get("figure"):
         lines += [f"![softmax]({result['figure']})", ""]
