@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from ppl_kbnn.nn.train import pretrain
 from ppl_kbnn.nn.transformer import DecisionTransformer, DTConfig
 from ppl_kbnn.pendulum.evaluate import evaluate_dt
 from ppl_kbnn.pendulum.study import DTYPE, FULL, QUICK, StudySettings, _seeds, _split, _take
-from ppl_kbnn.pendulum.uncertainty import uncertainty_study
+from ppl_kbnn.pendulum.uncertainty import POLICIES, uncertainty_study
 
 
 def prepare(seed: int, s: StudySettings, cache: Path) -> dict[str, Any]:
@@ -87,9 +87,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/pendulum_uncertainty_cache"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--policies", nargs="+", default=None, choices=POLICIES,
+                    help="obs-noise policies to run (default: the study's settings)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     s = QUICK if args.quick else FULL
+    if args.policies:
+        s = replace(s, obs_noise_policies=tuple(args.policies))
     results = {}
     print("| seed | σ | policy | obs_noise (90% interval) | mean pred std | RMSE | std/RMSE | 90% coverage | NLL |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -105,7 +109,7 @@ def main() -> None:
             print(f"| {seed} | {r['sigma']:g} | {r['obs_noise_policy']} | {noise} | {r['mean_pred_std']:.3f} "
                   f"| {r['rmse_noisy_labels']:.3f} | {ratio:.3f} | {r['coverage_90']:.3f} | {r['nll']:.2f} |",
                   flush=True)  # fmt: skip
-    for policy in ("matched", "fixed", "auto", "auto-independent"):
+    for policy in s.obs_noise_policies:
         rows = [(seed, r) for seed, res in results.items() for r in res["rows"] if r["obs_noise_policy"] == policy]
         ok = [0.85 <= r["coverage_90"] <= 0.95 and abs(r["mean_pred_std"] / r["rmse_noisy_labels"] - 1) <= 0.2
               for _, r in rows]  # fmt: skip
