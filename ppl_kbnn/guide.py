@@ -174,8 +174,6 @@ class KalmanGuide(PyroModule):
             its number (NUTS and SVI need one). ``"auto-independent"``: the same noise belief, but the weight belief
             stays in absolute units (the weight prior is the model's, whatever the noise; the noise learnt from the
             standardised innovations): for fine-tuning, where ``prior_scale`` says how far the weights may move.
-            ``"auto-vb"``: as ``"auto-independent"``, the noise learnt from the output's posterior expected squared
-            residual (variational Bayes; less biased after a prior guess far too small, more after one far too large).
         outliers: what an update does with a sample whose innovation's squared Mahalanobis distance ``d²`` exceeds
             ``outlier_threshold`` (:mod:`ppl_kbnn.hyper`): ``"warn"`` (default; update, count in
             ``guard_counts["outlier"]``, one :class:`~ppl_kbnn.hyper.OutlierWarning` per :meth:`update` call),
@@ -328,17 +326,15 @@ class KalmanGuide(PyroModule):
             self.candidates = None
             self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
         self.noise_candidates = None
-        coupled = obs_noise == "auto"  # "auto-independent", "auto-vb": the weight prior does not scale with the noise
-        vb = obs_noise == "auto-vb"
+        coupled = obs_noise == "auto"  # "auto-independent": the weight prior does not scale with the noise
         if obs_noise is not None and self.candidates is not None:  # one noise belief per candidate prior scale
             self.noise_candidates = nn.ModuleList(
-                [NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, coupled=coupled, vb=vb, device=loc.device)
+                [NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, coupled=coupled, device=loc.device)
                  for _ in PRIOR_GRID]  # fmt: skip
             )
             self.__dict__["noise"] = self.noise_candidates[0]
         elif obs_noise is not None:
-            self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, coupled=coupled, vb=vb,
-                                     device=loc.device)  # fmt: skip
+            self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, coupled=coupled, device=loc.device)
         else:
             self.noise = None
         opts = {} if update != "slr" else {"draws": draws, "seed": seed}

@@ -57,19 +57,6 @@ times; when ``prior_scale`` is an absolute statement (how far fine-tuning may mo
 epistemic part is then overstated and the noise understated (the pendulum uncertainty study, docs/hyper.md). The
 price of the independent rule: samples absorbed while ``ρ`` is still far too small leave the weights
 overconfident, and their later residuals are read as noise (estimate biased high after a guess far too small).
-
-``obs_noise="auto-vb"`` is ``"auto-independent"`` with the ``β`` update of the variational-Bayes adaptive Kalman
-filter (Särkkä and Nummenmaa 2009): the expected squared residual under the output's posterior after the Kalman
-step with ``R = diag(ρ/w²)``,
-
-.. math::
-    \beta_k^+ = \beta_k + \tfrac12 \textstyle\sum_{i \in k} w^2 \big[(r^+_i)^2 + (P_y^+)_{ii}\big], \qquad
-    r^+ = r - P_y S^{-1} r, \qquad P_y^+ = P_y - P_y S^{-1} P_y
-
-(one output: ``r⁺ = r ρ/S``, ``P_y⁺ = P_y ρ/S``; the same fixed point ``E[r²] = S`` as the innovation rule, with
-samples weighted by ``(ρ/S)²`` instead of ``ρ/S``). It is much less biased after a guess far too small and more
-biased after a guess far too large (docs/hyper.md); fixed-point iterations of ``ρ`` within the sample before the
-weights' step made the far-too-small case worse and are not done.
 """
 
 from __future__ import annotations
@@ -86,10 +73,9 @@ __all__ = ["NOISE_MODES", "OUTLIERS", "PRIOR_GRID", "NoiseBelief", "OutlierWarni
 OUTLIERS = ("warn", "gate", "wolf")
 """``outliers=`` modes (module docstring)."""
 
-NOISE_MODES = ("auto", "auto-independent", "auto-vb")
-"""``obs_noise=`` modes that learn the noise (module docstring): the conjugate rule, the weight prior kept in
-absolute units with the innovation-based ``β`` update, or with the variational-Bayes ``β`` update."""
-
+NOISE_MODES = ("auto", "auto-independent")
+"""``obs_noise=`` modes that learn the noise (module docstring): the conjugate rule, or the weight prior kept in
+absolute units."""
 
 PRIOR_GRID = (0.05, 0.1, 0.2, 0.5, 1.0)
 """Candidate prior scales of ``prior_scale="auto"``."""
@@ -118,11 +104,9 @@ class NoiseBelief(nn.Module):
     ``alpha``, ``beta`` ``(d_out,)``, so it is part of the guide's ``state_dict``."""
 
     def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0, coupled: bool = True,
-                 *, vb: bool = False, device: torch.device | str | None = None) -> None:  # fmt: skip
+                 *, device: torch.device | str | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.alpha0, self.coupled, self.vb = float(alpha0), bool(coupled), bool(vb)
-        if self.vb and self.coupled:
-            raise ValueError("NoiseBelief: vb=True is a rule for the uncoupled belief (coupled=False)")
+        self.alpha0, self.coupled = float(alpha0), bool(coupled)
         self.register_buffer("alpha", torch.full((d_out,), self.alpha0, dtype=dtype, device=device))
         self.register_buffer("beta", torch.full((d_out,), self.alpha0 * prior_std**2, dtype=dtype, device=device))
 
@@ -154,11 +138,6 @@ class NoiseBelief(nn.Module):
         idx = torch.arange(m, device=resid.device) % d  # output of each observed entry (row-major (T, d_out))
         n_k = torch.bincount(idx, minlength=d).to(self.alpha.dtype)
         rho_k = self.var
-        if self.vb:  # obs_noise="auto-vb": β from the output's posterior expected squared residual
-            q_k = torch.zeros_like(self.beta).index_add_(0, idx, self._vb_q(P_y, resid, rho_k[idx], w2))  # (d,)
-            self.alpha.add_(0.5 * n_k)
-            self.beta.add_(0.5 * q_k)
-            return rho_k[idx] / w2, 1.0
         rho = rho_k[idx] / w2  # (m,)
         S = P_y + torch.diag(rho)
         q = rho * w2 * resid * torch.linalg.solve(S, resid)  # (m,): ρ_i r_i (S⁻¹ r)_i
@@ -168,17 +147,6 @@ class NoiseBelief(nn.Module):
             return rho, 1.0
         f = float(torch.exp(torch.log(self.var / rho_k).mean()))
         return rho, f
-
-
-    @staticmethod
-    def _vb_q(P_y: torch.Tensor, resid: torch.Tensor, rho: torch.Tensor, w2: float) -> torch.Tensor:
-        """``w² [(r⁺)² + diag P_y⁺]`` ``(m,)``: the expected squared residual under the output's posterior after a
-        Kalman step with ``R = diag(ρ / w²)`` (``r⁺ = r - P_y S⁻¹ r``, ``P_y⁺ = P_y - P_y S⁻¹ P_y``)."""
-        S = P_y + torch.diag(rho / w2)
-        G = torch.linalg.solve(S, torch.cat([resid[:, None], P_y], 1))  # (m, 1 + m): S⁻¹ [r, P_y]
-        r_post = resid - P_y @ G[:, 0]
-        Py_post = torch.diagonal(P_y) - (P_y * G[:, 1:].T).sum(1)  # diag(P_y S⁻¹ P_y) with P_y symmetric
-        return w2 * (r_post**2 + Py_post.clamp_min(0))
 
 
 def observation(guide, P_y: torch.Tensor, resid: torch.Tensor) -> torch.Tensor | None:

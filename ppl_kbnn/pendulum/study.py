@@ -35,7 +35,7 @@ from ..model import BayesianModel
 from ..nn.train import pretrain
 from ..nn.transformer import DecisionTransformer, DTConfig
 from .evaluate import evaluate_dt, posterior_mean_net
-from .uncertainty import DEFAULT_POLICIES, POLICIES, uncertainty_study
+from .uncertainty import POLICIES, uncertainty_study
 
 __all__ = ["FULL", "QUICK", "StudySettings", "run_study"]
 
@@ -113,7 +113,7 @@ class StudySettings:
     noise_levels: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.4)
     n_uncertainty: int = 200
     uncertainty_covariance: str = "block"
-    obs_noise_policies: tuple[str, ...] = DEFAULT_POLICIES
+    obs_noise_policies: tuple[str, ...] = POLICIES
     threads: int = 1
 
     def __post_init__(self) -> None:

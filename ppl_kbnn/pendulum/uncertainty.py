@@ -3,7 +3,7 @@ r"""The pendulum study's uncertainty part: KBT's predicted std against its actua
 :func:`uncertainty_study` adds Gaussian label noise ``σ`` (normalised action units) to the streamed and the
 held-out labels, updates a fresh KBT guide with the first ``n_uncertainty`` noisy streamed samples and compares
 its closed-form predictive std (observation noise included) with its actual error on the noisy held-out labels.
-The observation noise follows one of these policies:
+The observation noise follows one of three policies:
 
 * ``"matched"``: ``obs_noise = sqrt(obs_noise² + σ²)``: the model is told the injected noise;
 * ``"fixed"``: ``obs_noise`` whatever ``σ``: the model is not told;
@@ -12,8 +12,6 @@ The observation noise follows one of these policies:
   normal-inverse-Gamma rule: :mod:`ppl_kbnn.hyper`); the weight prior then scales with the noise estimate;
 * ``"auto-independent"``: ``KalmanGuide(obs_noise="auto-independent")``: the same noise belief, the weight
   belief kept in absolute units (the weight prior is ``prior_scale`` whatever the noise).
-* ``"auto-vb"`` (opt-in, not in the study's defaults): ``KalmanGuide(obs_noise="auto-vb")``: as
-  ``"auto-independent"``, the noise learnt from the output's posterior expected squared residual.
 
 Learnt-noise rows report the final estimate ``sqrt(β/α)`` and a 90 % credible interval of it.
 
@@ -35,13 +33,10 @@ from ..guide import KalmanGuide
 from ..hyper import OutlierWarning
 from ..model import BayesianModel
 
-__all__ = ["DEFAULT_POLICIES", "POLICIES", "uncertainty_study"]
+__all__ = ["POLICIES", "uncertainty_study"]
 
-POLICIES = ("matched", "fixed", "auto", "auto-independent", "auto-vb")
-"""Every obs-noise policy :func:`uncertainty_study` runs (module docstring)."""
-
-DEFAULT_POLICIES = POLICIES[:4]
-"""The study's default policies (``"auto-vb"`` is opt-in)."""
+POLICIES = ("matched", "fixed", "auto", "auto-independent")
+"""Observation-noise policies of :func:`uncertainty_study` (module docstring)."""
 
 Z90 = 1.6448536269514722  # the standard normal 0.95 quantile: a central 90 % interval is mean ± Z90 · std
 
@@ -178,8 +173,6 @@ def uncertainty_study(
         f"{s.obs_noise:g}; conjugate rule, the weight prior scales with the noise); obs_noise is the final estimate",
         "auto-independent": f"obs_noise='auto-independent': the noise learnt online (prior guess {s.obs_noise:g}), "
         f"the weight prior fixed at prior_scale {s.prior_scale:g}; obs_noise is the final estimate",
-        "auto-vb": "obs_noise='auto-vb': as auto-independent, the noise learnt from the posterior expected squared "
-        "residual (variational Bayes); obs_noise is the final estimate",
     }
     return {
         "units": "normalised actions (action / 3, the tanh head's scale); sigma = injected label-noise std",
