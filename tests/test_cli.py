@@ -239,3 +239,30 @@ def test_prepare_out_dir(tmp_path):
     with pytest.raises(OutputDirError, match="exists and is not a folder"):
         prepare_out_dir(d / "z.txt")
     assert issubclass(OutputDirError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--executor", "ray", "--workers", "2"], "--workers is the local process pool"),
+        (["--first-design", "--executor", "ray"], "only with the on-policy design"),
+        (["--address", "auto"], "only with --executor ray"),
+        (["--executor", "ray", "--address", "auto", "--num-cpus", "2"], "local Ray only"),
+    ],
+)
+def test_pendulum_executor_misuse_exits_2_before_running(tmp_path, capsys, args, message):
+    """The executor options of ``pendulum`` are checked before anything runs (nothing is written to --out)."""
+    assert cli.main(["pendulum", *args, "--no-progress", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "ppl-kbnn pendulum: error:" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_onpolicy_study_rejects_an_unknown_executor(tmp_path):
+    """``run_onpolicy_study`` names a bad ``executor`` and the workers/Ray conflict."""
+    from ppl_kbnn.pendulum import run_onpolicy_study
+
+    with pytest.raises(ValueError, match="executor must be"):
+        run_onpolicy_study(out_dir=tmp_path, executor="dask", progress=False)
+    with pytest.raises(ValueError, match="workers > 1"):
+        run_onpolicy_study(out_dir=tmp_path, executor="ray", workers=2, progress=False)
