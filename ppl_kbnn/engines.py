@@ -133,10 +133,24 @@ class Engine:
         raise NotImplementedError
 
 
+class _CompileOption(Engine):
+    """An engine with the ``compile`` option (``False``, ``True`` or a ``torch.compile`` backend name; validated by
+    :func:`_compile_arg`); the compiled function is built on the first compiled step and kept in ``_compiled``."""
+
+    def __init__(self, guide: KalmanGuide, *, compile: bool | str = False) -> None:  # noqa: A002
+        super().__init__(guide)
+        self.compile = _compile_arg(compile)
+        self._compiled: Any = None
+
+    @classmethod
+    def options(cls) -> set[str]:  # noqa: D102
+        return {"compile"}
+
+
 # ------------------------------------------------------------------------------------------------- KBNN
 
 
-class KBNNChain(Engine):
+class KBNNChain(_CompileOption):
     """KBNN on an ``nn.Sequential`` chain: forward moments, output filter, smoothing I/II (:mod:`ppl_kbnn.kalman`).
 
     Option ``compile`` (``hidden="diag"``, fixed observation noise, one prior): ``False`` (default) runs the step
@@ -147,15 +161,6 @@ class KBNNChain(Engine):
     """
 
     key, beliefs, readout = "kbnn", (BlockBelief, DiagBelief), "moments"
-
-    def __init__(self, guide: KalmanGuide, *, compile: bool | str = False) -> None:  # noqa: A002
-        super().__init__(guide)
-        self.compile = _compile_arg(compile)
-        self._compiled: Any = None  # built on the first compiled step
-
-    @classmethod
-    def options(cls) -> set[str]:  # noqa: D102
-        return {"compile"}
 
     def _compiled_step(self) -> Any:
         """The compiled sample step of :func:`_chain_diag_step` for this guide's structure and settings."""
@@ -387,7 +392,7 @@ def _compile_arg(compile: Any) -> bool | str:  # noqa: A002
     return compile
 
 
-class KBNNTransformer(Engine):
+class KBNNTransformer(_CompileOption):
     """KBT: moment propagation through the transformer, every weight row's Kalman update from the statistical
     Jacobian of the observed outputs (:func:`~ppl_kbnn.kalman.weight_update`)."""
 
@@ -408,15 +413,6 @@ class KBNNTransformer(Engine):
         var = torch.diagonal(full_cov(out, prop.kind), dim1=-2, dim2=-1).reshape(out.mean.shape)
         mean = out.mean  # (N, n_tok, d_out)
         return (mean[:, 0], var[:, 0]) if self.guide.observe == "last" else (mean, var)
-
-    def __init__(self, guide: KalmanGuide, *, compile: bool | str = False) -> None:  # noqa: A002
-        super().__init__(guide)
-        self.compile = _compile_arg(compile)
-        self._compiled: Any = None  # built on the first compiled step
-
-    @classmethod
-    def options(cls) -> set[str]:  # noqa: D102
-        return {"compile"}
 
     def _forward(self) -> Any:
         """``(means, covs, x) -> (E[y] (m,), Cov(y) (m, m))``: the propagation of :meth:`linearise` as a function of
