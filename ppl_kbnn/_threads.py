@@ -75,7 +75,10 @@ def warn_if_oversubscribed() -> None:
     global _warned
     if _warned or os.environ.get("PPL_KBNN_THREAD_WARNING", "1") == "0":
         return
-    reason = oversubscription(torch.get_num_threads(), _cores(), _load())
+    threads = torch.get_num_threads()
+    if threads <= 1:  # never oversubscribed (the rule below): skip its two system calls on the update path
+        return
+    reason = oversubscription(threads, _cores(), _load())
     if reason is None:
         return
     _warned = True
