@@ -502,12 +502,9 @@ class KalmanGuide(PyroModule):
                 raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
             if not t.is_floating_point() and name not in ("timesteps", "attention_mask"):
                 raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-            if t.device != self.device:
-                raise ValueError(f"{name}: device {t.device} does not match the belief's {self.device}")
+            self._check_device(name, t)
             if t.is_floating_point():
-                check_tensor(name, t)  # finite
-            if t.is_floating_point() and t.dtype != self.dtype:
-                raise ValueError(f"{name}: dtype {t.dtype} does not match the belief's {self.dtype}")
+                self._check_values(name, t)
             if t.dim() < 2:
                 raise ValueError(f"{name}: expected a batch of sequences (N, T, ...), got shape {tuple(t.shape)}")
             if n is not None and t.shape[0] != n:
@@ -523,12 +520,20 @@ class KalmanGuide(PyroModule):
             self._net._check(x["returns_to_go"], x["states"], x["actions"], x["timesteps"])  # shapes, timestep range
         return x, n
 
+    def _check_device(self, name: str, t: torch.Tensor) -> None:
+        """A data tensor must be on the belief's device (``ValueError`` naming it)."""
+        if isinstance(t, torch.Tensor) and t.device != self.device:
+            raise ValueError(f"{name}: device {t.device} does not match the belief's {self.device}")
+
+    def _check_values(self, name: str, t: torch.Tensor) -> None:
+        """A floating-point data tensor must be finite and in the belief's dtype (``ValueError`` naming it)."""
+        check_tensor(name, t)
+        if t.dtype != self.dtype:
+            raise ValueError(f"{name}: dtype {t.dtype} does not match the belief's {self.dtype}")
+
     def _check_seq_y(self, y: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
-        if isinstance(y, torch.Tensor) and y.device != self.device:
-            raise ValueError(f"y: device {y.device} does not match the belief's {self.device}")
-        check_tensor("y", y)
-        if y.dtype != self.dtype:
-            raise ValueError(f"y: dtype {y.dtype} does not match the belief's {self.dtype}")
+        self._check_device("y", y)
+        self._check_values("y", y)
         if y.shape != out_shape and y.dim() == len(out_shape) - 1 and out_shape[-1] == 1:
             y = y[..., None]  # one-output network: trailing dim may be omitted
         if y.shape != out_shape:
@@ -545,11 +550,8 @@ class KalmanGuide(PyroModule):
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
         d_in = self._linears[0].d_in
-        if isinstance(x, torch.Tensor) and x.device != self.device:
-            raise ValueError(f"x: device {x.device} does not match the belief's {self.device}")
-        check_tensor("x", x)
-        if x.dtype != self.dtype:
-            raise ValueError(f"x: dtype {x.dtype} does not match the belief's {self.dtype}")
+        self._check_device("x", x)
+        self._check_values("x", x)
         if x.dim() == 1:
             x = x[None]
         if x.dim() != 2 or x.shape[-1] != d_in:
@@ -558,11 +560,8 @@ class KalmanGuide(PyroModule):
 
     def _check_y(self, y: torch.Tensor, n: int) -> torch.Tensor:
         d_out = self._linears[-1].d_out
-        if isinstance(y, torch.Tensor) and y.device != self.device:
-            raise ValueError(f"y: device {y.device} does not match the belief's {self.device}")
-        check_tensor("y", y)
-        if y.dtype != self.dtype:
-            raise ValueError(f"y: dtype {y.dtype} does not match the belief's {self.dtype}")
+        self._check_device("y", y)
+        self._check_values("y", y)
         if y.dim() == 1 and d_out == 1 and y.shape[0] == n:
             y = y[:, None]  # (N,) targets of a one-output network
         elif y.dim() == 1 and n == 1 and y.shape[0] == d_out:
