@@ -197,6 +197,19 @@ class Belief(nn.Module):
         """Random-walk drift: ``P ← P + q I`` on the Bayesian entries."""
         raise NotImplementedError
 
+    def reweigh_data(self, c: float, prior_loc: torch.Tensor, prior_var: torch.Tensor) -> None:
+        r"""Weigh the data already absorbed by ``c``, keeping the prior ``N(μ₀, Λ₀⁻¹)``, ``Λ₀ = diag(1/prior_var)``:
+
+        .. math::
+            Λ' = Λ_0 + c\,(Λ - Λ_0), \qquad Λ'μ' = Λ_0 μ_0 + c\,(Λ μ - Λ_0 μ_0),
+
+        i.e. ``P' = (c I + (1 - c) P Λ₀)⁻¹ P`` and ``μ' = μ + (1 - c) P' Λ₀ (μ₀ - μ)``. With ``c = ρ/ρ'`` this is
+        the belief the same (linearised) observations give under the noise variance ``ρ'`` instead of ``ρ``
+        (``obs_noise="auto"``, :mod:`ppl_kbnn.hyper`). ``prior_loc``, ``prior_var``: ``(D,)``. ``P'`` is positive
+        definite when ``c + (1 - c) a > 0`` for every eigenvalue ``a`` of ``Λ₀^{1/2} P Λ₀^{1/2}``: always for
+        ``c <= 1``, and for ``c > 1`` whenever ``a <= 1`` (``P ≤ Λ₀⁻¹``: data never widens a belief)."""
+        raise NotImplementedError
+
     def scale_cov(self, f: float) -> None:
         """``P ← f P`` (a belief conditional on the noise variance, rescaled when its estimate moves)."""
         for name, buf in self.named_buffers():
@@ -338,6 +351,26 @@ class _RowBelief(Belief):
         for s in self.layout.slots:
             mean, cov = self.rows(s.index)
             self._swap(s.index, mean, cov * f)
+
+    def reweigh_data(self, c, prior_loc, prior_var) -> None:  # noqa: D102
+        lam0_flat, new = 1.0 / prior_var, {}
+        for s in self.layout.slots:
+            mean, cov = self.rows(s.index)  # (n, p), (n, p, p) | (n, p)
+            m0 = self.layout.gather(prior_loc, s.index)  # (n, p)
+            lam0 = self.layout.gather(lam0_flat, s.index)  # (n, p), 0 at fixed entries
+            if self.w_kind == "block":
+                eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+                P = torch.linalg.solve(c * eye + (1 - c) * cov * lam0[:, None, :], cov)  # (cI + (1-c) P Λ₀)⁻¹ P
+                P = 0.5 * (P + P.mT)
+                mu = mean + (1 - c) * (P @ (lam0 * (m0 - mean))[..., None])[..., 0]
+            else:
+                P = cov / (c + (1 - c) * lam0 * cov)
+                mu = mean + (1 - c) * P * lam0 * (m0 - mean)
+            new[s.index] = (mu, P)
+        if not _all_finite([t for pair in new.values() for t in pair]):
+            raise FloatingPointError(f"reweighing the data by {c:.6g} (obs_noise='auto') produced a non-finite belief")
+        for index, (mean, cov) in new.items():
+            self._swap(index, mean, cov)
 
     def check_state(self, state: dict, prefix: str = "") -> None:  # noqa: D102
         for s in self.layout.slots:
@@ -566,6 +599,16 @@ class FullBelief(Belief):
     def add_process_noise(self, q):
         self.cov.diagonal().add_(q)
 
+    def reweigh_data(self, c, prior_loc, prior_var) -> None:  # noqa: D102
+        lam0 = 1.0 / prior_var  # (D,)
+        eye = torch.eye(lam0.shape[0], dtype=lam0.dtype, device=lam0.device)
+        P = torch.linalg.solve(c * eye + (1 - c) * self.cov * lam0, self.cov)  # (cI + (1-c) P Λ₀)⁻¹ P: (D, D)
+        P = 0.5 * (P + P.mT)
+        mu = self.loc + (1 - c) * P @ (lam0 * (prior_loc - self.loc))
+        self._check_finite(f"the full covariance (reweighing the data by {c:.6g}, obs_noise='auto')", mu, P)
+        self.loc.copy_(mu)
+        self.cov.copy_(P)
+
     def check_state(self, state: dict, prefix: str = "") -> None:  # noqa: D102
         check_tensor(prefix + "loc", state["loc"])
         check_psd(prefix + "cov", state["cov"])
@@ -666,6 +709,17 @@ class LowRankBelief(Belief):
     def scale_cov(self, f):  # noqa: D102
         self.prec_diag.div_(f)
         self.prec_factor.div_(f**0.5)
+
+    def reweigh_data(self, c, prior_loc, prior_var) -> None:  # noqa: D102
+        lam0 = 1.0 / prior_var  # (D,)
+        ups, W = c * self.prec_diag + (1 - c) * lam0, c**0.5 * self.prec_factor  # Λ' = cΛ + (1-c)Λ₀
+        mu = self.loc + (1 - c) * self._cov_times((lam0 * (prior_loc - self.loc))[:, None], W, ups)[:, 0]
+        self._check_finite(f"the low-rank belief (reweighing the data by {c:.6g}, obs_noise='auto')", mu, ups, W)
+        if not (ups > 0).all():
+            raise FloatingPointError("reweighing the data (obs_noise='auto') made the diagonal precision non-positive")
+        self.loc.copy_(mu)
+        self.prec_diag.copy_(ups)
+        self.prec_factor.copy_(W)
 
     def add_process_noise(self, q):
         raise ValueError("process_noise > 0 is not supported with covariance='lowrank'; supported: 'diag', 'block', "

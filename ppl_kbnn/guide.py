@@ -214,7 +214,7 @@ class KalmanGuide(PyroModule):
 
     # Plain Python counters set on every update: stored directly (Module.__setattr__ checks each assignment against
     # parameters, buffers and submodules: a few microseconds each, several times per sample).
-    _PLAIN: frozenset[str] = frozenset({"_outliers_in_call", "_in_batch", "_cov_factor", "_last_logpdf", "_last_d2",
+    _PLAIN: frozenset[str] = frozenset({"_outliers_in_call", "_in_batch", "_noise_ratio", "_last_logpdf", "_last_d2",
                                         "n_updates", "update_seconds"})  # fmt: skip
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -292,7 +292,7 @@ class KalmanGuide(PyroModule):
             outlier_threshold = real_arg("outlier_threshold", outlier_threshold, strict=True)
         self.outliers, self.outlier_threshold = outliers, outlier_threshold
         self._outliers_in_call = 0
-        self._last_d2, self._last_logpdf, self._cov_factor = math.nan, math.nan, 1.0
+        self._last_d2, self._last_logpdf, self._noise_ratio = math.nan, math.nan, 1.0
         self._obs_noise0 = float(model.obs_noise)
         if prior_scale is not None and prior_scale != "auto":
             raise ValueError(f"prior_scale must be None (the model's priors) or 'auto', got {prior_scale!r}")
@@ -326,15 +326,18 @@ class KalmanGuide(PyroModule):
             self.candidates = None
             self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
         self.noise_candidates = None
-        coupled = obs_noise == "auto"  # "auto-independent": the weight prior does not scale with the noise
+        rule = {"auto": "conjugate", "auto-independent": "independent", "auto-reweighted": "reweigh"}.get(obs_noise)
+        if rule == "reweigh":  # the prior the reweighing keeps (not state: rebuilt from the model)
+            self.register_buffer("_prior_loc", loc.clone(), persistent=False)
+            self.register_buffer("_prior_var", var.clone(), persistent=False)
         if obs_noise is not None and self.candidates is not None:  # one noise belief per candidate prior scale
             self.noise_candidates = nn.ModuleList(
-                [NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, coupled=coupled, device=loc.device)
+                [NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, rule=rule, device=loc.device)
                  for _ in PRIOR_GRID]  # fmt: skip
             )
             self.__dict__["noise"] = self.noise_candidates[0]
         elif obs_noise is not None:
-            self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, coupled=coupled, device=loc.device)
+            self.noise = NoiseBelief(self._d_out(), self._obs_noise0, loc.dtype, rule=rule, device=loc.device)
         else:
             self.noise = None
         opts = {} if update != "slr" else {"draws": draws, "seed": seed}
@@ -683,13 +686,20 @@ class KalmanGuide(PyroModule):
         """Absorb sample ``i`` into :attr:`belief` (process noise, the engine's step, the noise rescaling)."""
         if self.process_noise > 0:
             self.belief.add_process_noise(self.process_noise)
-        self._cov_factor, self._last_logpdf = 1.0, math.nan
+        self._noise_ratio, self._last_logpdf = 1.0, math.nan
         if self.transformer:
             self.engine.step(_take(x, i), y[i])
         else:
             self.engine.step(x[i], y[i])
-        if self._cov_factor != 1.0:  # obs_noise="auto": the weight belief is conditional on the noise
-            self.belief.scale_cov(self._cov_factor)
+        f = self._noise_ratio  # ρ⁺/ρ: the noise estimate moved during this step
+        if f != 1.0 and self.noise.rule == "conjugate":  # the weight belief is conditional on the noise
+            self.belief.scale_cov(f)
+        elif f != 1.0 and self.noise.rule == "reweigh":  # the data absorbed so far, weighed by the new noise
+            var = self._prior_var
+            if self.candidates is not None:
+                k = next(j for j, b in enumerate(self.candidates) if b is self.belief)
+                var = torch.full_like(var, PRIOR_GRID[k] ** 2)
+            self.belief.reweigh_data(1.0 / f, self._prior_loc, var)
 
     @property
     def prior_scale(self) -> float | None:

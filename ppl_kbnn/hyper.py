@@ -73,7 +73,7 @@ __all__ = ["NOISE_MODES", "OUTLIERS", "PRIOR_GRID", "NoiseBelief", "OutlierWarni
 OUTLIERS = ("warn", "gate", "wolf")
 """``outliers=`` modes (module docstring)."""
 
-NOISE_MODES = ("auto", "auto-independent")
+NOISE_MODES = ("auto", "auto-independent", "auto-reweighted")
 """``obs_noise=`` modes that learn the noise (module docstring): the conjugate rule, or the weight prior kept in
 absolute units."""
 
@@ -103,10 +103,14 @@ class NoiseBelief(nn.Module):
     """Inverse-Gamma belief ``IG(α_k, β_k)`` over each output's noise variance (module docstring); buffers
     ``alpha``, ``beta`` ``(d_out,)``, so it is part of the guide's ``state_dict``."""
 
-    def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0, coupled: bool = True,
+    RULES = ("conjugate", "independent", "reweigh")
+
+    def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0, rule: str = "conjugate",
                  *, device: torch.device | str | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.alpha0, self.coupled = float(alpha0), bool(coupled)
+        if rule not in self.RULES:
+            raise ValueError(f"NoiseBelief: rule must be one of {self.RULES}, got {rule!r}")
+        self.alpha0, self.rule = float(alpha0), rule
         self.register_buffer("alpha", torch.full((d_out,), self.alpha0, dtype=dtype, device=device))
         self.register_buffer("beta", torch.full((d_out,), self.alpha0 * prior_std**2, dtype=dtype, device=device))
 
@@ -133,7 +137,8 @@ class NoiseBelief(nn.Module):
 
     def step(self, P_y: torch.Tensor, resid: torch.Tensor, w2: float) -> tuple[torch.Tensor, float]:
         """One sample's step (module docstring): updates ``alpha``/``beta`` in place; returns ``ρ / w²`` ``(m,)``
-        (the noise variances of the weights' Kalman step) and the factor ``f`` for the weights' covariance."""
+        (the noise variances of the weights' Kalman step) and the ratio ``f = ρ⁺/ρ`` of the new to the old plug-in
+        variance (geometric mean over outputs), by which the guide rescales the weight belief."""
         m, d = resid.shape[0], self.alpha.shape[0]
         idx = torch.arange(m, device=resid.device) % d  # output of each observed entry (row-major (T, d_out))
         n_k = torch.bincount(idx, minlength=d).to(self.alpha.dtype)
@@ -143,10 +148,9 @@ class NoiseBelief(nn.Module):
         q = rho * w2 * resid * torch.linalg.solve(S, resid)  # (m,): ρ_i r_i (S⁻¹ r)_i
         self.alpha.add_(0.5 * n_k)
         self.beta.add_(0.5 * torch.zeros_like(self.beta).index_add_(0, idx, q).clamp_min(0))
-        if not self.coupled:  # obs_noise="auto-independent": the weight belief stays in absolute units
+        if self.rule == "independent":  # obs_noise="auto-independent": the weight belief is left as it is
             return rho, 1.0
-        f = float(torch.exp(torch.log(self.var / rho_k).mean()))
-        return rho, f
+        return rho, float(torch.exp(torch.log(self.var / rho_k).mean()))
 
 
 def observation(guide, P_y: torch.Tensor, resid: torch.Tensor) -> torch.Tensor | None:
@@ -182,6 +186,6 @@ def observation(guide, P_y: torch.Tensor, resid: torch.Tensor) -> torch.Tensor |
             return None
     w2 = 1.0 / (1.0 + d2 / thr) if guide.outliers == "wolf" else 1.0
     if noise is not None:
-        rho, guide._cov_factor = noise.step(P_y, resid, w2)
+        rho, guide._noise_ratio = noise.step(P_y, resid, w2)
         return rho
     return R / w2

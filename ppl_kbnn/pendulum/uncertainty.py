@@ -35,7 +35,7 @@ from ..model import BayesianModel
 
 __all__ = ["POLICIES", "uncertainty_study"]
 
-POLICIES = ("matched", "fixed", "auto", "auto-independent")
+POLICIES = ("matched", "fixed", "auto", "auto-independent", "auto-reweighted")
 """Observation-noise policies of :func:`uncertainty_study` (module docstring)."""
 
 Z90 = 1.6448536269514722  # the standard normal 0.95 quantile: a central 90 % interval is mean ± Z90 · std
@@ -173,6 +173,9 @@ def uncertainty_study(
         f"{s.obs_noise:g}; conjugate rule, the weight prior scales with the noise); obs_noise is the final estimate",
         "auto-independent": f"obs_noise='auto-independent': the noise learnt online (prior guess {s.obs_noise:g}), "
         f"the weight prior fixed at prior_scale {s.prior_scale:g}; obs_noise is the final estimate",
+        "auto-reweighted": f"obs_noise='auto-reweighted': the noise learnt online (prior guess {s.obs_noise:g}), the "
+        f"weight prior fixed at prior_scale {s.prior_scale:g}, the data absorbed so far reweighed by every new "
+        "estimate; obs_noise is the final estimate",
     }
     return {
         "units": "normalised actions (action / 3, the tanh head's scale); sigma = injected label-noise std",
