@@ -36,7 +36,16 @@ from ._args import real_arg
 from ._threads import warn_if_oversubscribed
 from .beliefs import BELIEFS, Belief, Layout, LinearSlot
 from .engines import ENGINES, READOUTS, SLR, KBNNChain, KBNNTransformer, NetworkFunction, antithetic_draws
-from .hyper import NOISE_MODES, OUTLIERS, PRIOR_DISCOUNT, PRIOR_GRID, NoiseBelief, OutlierWarning, default_threshold
+from .hyper import (
+    NOISE_MODES,
+    NOISE_RULES,
+    OUTLIERS,
+    PRIOR_DISCOUNT,
+    PRIOR_GRID,
+    NoiseBelief,
+    OutlierWarning,
+    default_threshold,
+)
 from .kalman import Guards
 from .model import BayesianModel
 from .moments._checks import check_tensor
@@ -167,13 +176,13 @@ class KalmanGuide(PyroModule):
             sample's update (random-walk drift, ``θ_t = θ_{t-1} + N(0, qI)``); default 0 (static).
         var_floor, jitter, gain_clip, psd_repair: numerical guards (see :mod:`ppl_kbnn.kalman.guards`);
             each firing is counted in :attr:`guard_counts`.
-        obs_noise: ``None`` (default: the model's ``obs_noise``, fixed) or ``"auto"``: each output's noise variance
-            learnt online with an inverse-Gamma belief whose prior is centred on the model's ``obs_noise``, the
-            weight belief held conditional on it (the conjugate normal-inverse-Gamma update, :mod:`ppl_kbnn.hyper`);
-            :attr:`obs_noise` reports the current estimate, :meth:`obs_noise_belief` its uncertainty. The model keeps
-            its number (NUTS and SVI need one). ``"auto-independent"``: the same noise belief, but the weight belief
-            stays in absolute units (the weight prior is the model's, whatever the noise; the noise learnt from the
-            standardised innovations): for fine-tuning, where ``prior_scale`` says how far the weights may move.
+        obs_noise: ``None`` (default: the model's ``obs_noise``, fixed) or a mode that learns each output's noise
+            variance online with an inverse-Gamma belief centred on the model's ``obs_noise`` (:mod:`ppl_kbnn.hyper`):
+            ``"auto"`` (the data absorbed so far reweighed by every new estimate, the weight prior kept in absolute
+            units: on a linear network the exact posterior under the current estimate), ``"auto-conjugate"`` (the
+            conjugate normal-inverse-Gamma rule: the weight prior scales with the noise) or ``"auto-independent"``
+            (the weight belief left as absorbed; an ablation). :attr:`obs_noise` reports the current estimate,
+            :meth:`obs_noise_belief` its uncertainty. The model keeps its number (NUTS and SVI need one).
         outliers: what an update does with a sample whose innovation's squared Mahalanobis distance ``d²`` exceeds
             ``outlier_threshold`` (:mod:`ppl_kbnn.hyper`): ``"warn"`` (default; update, count in
             ``guard_counts["outlier"]``, one :class:`~ppl_kbnn.hyper.OutlierWarning` per :meth:`update` call),
@@ -326,7 +335,7 @@ class KalmanGuide(PyroModule):
             self.candidates = None
             self.belief: Belief = belief_cls(layout, loc, var, self.guards, fixed=fixed, **low)
         self.noise_candidates = None
-        rule = {"auto": "conjugate", "auto-independent": "independent", "auto-reweighted": "reweigh"}.get(obs_noise)
+        rule = NOISE_RULES.get(obs_noise)
         if rule == "reweigh":  # the prior the reweighing keeps (not state: rebuilt from the model)
             self.register_buffer("_prior_loc", loc.clone(), persistent=False)
             self.register_buffer("_prior_var", var.clone(), persistent=False)
@@ -393,12 +402,12 @@ class KalmanGuide(PyroModule):
 
     @property
     def obs_noise(self) -> float | torch.Tensor:
-        """Observation-noise std: the model's (a float), or with ``obs_noise="auto"`` the current estimate
+        """Observation-noise std: the model's (a float), or with a learnt ``obs_noise`` the current estimate
         ``sqrt(β/α)`` per output ``(d_out,)``."""
         return self._obs_noise0 if self.noise is None else self.noise.var.sqrt()
 
     def obs_noise_belief(self) -> dist.Distribution:
-        """The belief over each output's noise *variance* (``obs_noise="auto"``): ``InverseGamma(α, β)``, batch
+        """The belief over each output's noise *variance* (a learnt ``obs_noise``): ``InverseGamma(α, β)``, batch
         ``(d_out,)``; its ``.mean`` / ``.variance`` give the estimate's uncertainty."""
         if self.noise is None:
             raise ValueError("obs_noise_belief needs obs_noise='auto' (this guide's noise is fixed)")
@@ -818,6 +827,7 @@ class KalmanGuide(PyroModule):
             "guards": self.guards.settings(),
             "observe": self.observe,
             "obs_noise_mode": self.obs_noise_mode,
+            **({} if self.noise is None else {"obs_noise_rule": self.noise.rule}),
             "outliers": self.outliers,
             "outlier_threshold": self.outlier_threshold,
             "prior_scale_mode": self.prior_scale_mode,
@@ -905,7 +915,7 @@ class KalmanGuide(PyroModule):
         and shape; the structure signature (covariance, update rule, hidden mode, observation noise, the
         network's nodes), every update setting (process noise, guards, ``observe``; draws and seed of
         ``"slr"``); the fingerprint of the network's fixed weights (:meth:`fixed_weights_fingerprint`); the
-        counters; the noise belief (``obs_noise="auto"``: finite, positive); and the belief itself: finite,
+        counters; the noise belief (a learnt ``obs_noise``: finite, positive); and the belief itself: finite,
         symmetric, positive semi-definite, fixed entries equal to
         this network's (:meth:`~ppl_kbnn.beliefs.Belief.check_state`). The first difference raises a
         ``ValueError`` that names it, and the guide is left bit-identical. ``strict=False`` and ``assign=True``

@@ -25,38 +25,48 @@ once per million well-modelled samples) the sample counts in ``guard_counts["out
   like ``1/|r|`` for large residuals); an ordinary sample (``d² ≈ m``) is absorbed with ``R`` inflated by
   ``m / c²`` (4% for one output).
 
-**Observation noise** (``obs_noise="auto"``): the noise variance of each network output ``k`` has an
-inverse-Gamma belief ``σ_k² ~ IG(α_k, β_k)``, prior ``α₀ = 1``, ``β₀ = σ₀²`` with ``σ₀`` the model's ``obs_noise``
-(the prior guess), and the weight belief is held *conditional on the noise*, as in the conjugate
-normal-inverse-Gamma model: ``θ | σ² ~ N(μ, (σ²/ρ) P)`` with ``ρ = β/α`` the current plug-in noise variance.
+**Observation noise**: the noise variance of each network output ``k`` has an inverse-Gamma belief
+``σ_k² ~ IG(α_k, β_k)``, prior ``α₀ = 1``, ``β₀ = σ₀²`` with ``σ₀`` the model's ``obs_noise`` (the prior guess).
 Per sample, with ``n_k`` the number of observed entries of output ``k`` (``observe="all"``: one per token),
-``ρ_i`` the plug-in of entry ``i``'s output, ``S = P_y + diag(ρ / w²)`` (``w² = 1`` unless ``outliers="wolf"``):
+``ρ = β/α`` the current plug-in noise variance (``ρ_i`` that of entry ``i``'s output) and
+``S = P_y + diag(ρ / w²)`` (``w² = 1`` unless ``outliers="wolf"``):
 
 .. math::
     \text{weights: the Kalman step with } R = \mathrm{diag}(\rho / w^2); \qquad
     \alpha_k^+ = \alpha_k + n_k / 2, \qquad
-    \beta_k^+ = \beta_k + \tfrac12 \max\!\big(0, \textstyle\sum_{i \in k} \rho_i\, r_i\, (S^{-1} r)_i\big);
+    \beta_k^+ = \beta_k + \tfrac12 \max\!\big(0, \textstyle\sum_{i \in k} \rho_i\, r_i\, (S^{-1} r)_i\big),
 
-    \text{then } P^+ \leftarrow f\, P^+, \qquad f = \textstyle\prod_k (\rho_k^+ / \rho_k)^{1/d_{out}} .
+so the standardised innovations ``r² / S`` are driven to average one. The estimate moved by
+``f = ∏_k (ρ_k^+ / ρ_k)^{1/d_out}`` (the geometric mean over outputs: several outputs share one weight belief, an
+approximation), and the three rules differ in what they then do to the weight belief:
 
-For one output (``m = 1``) this is exactly the conjugate normal-inverse-Gamma update (``ρ r² / S = r² / S̃``
-with ``S̃ = J V Jᵀ + 1`` in noise units): on a linear network the belief mean is the exact posterior mean and
-``P = (β/α) V`` the scale matrix of the exact Student-t marginal (tested). Several outputs share one weight
-belief, so the rescaling uses the geometric mean of their factors (an approximation). Cost: one ``m × m``
-solve and one multiply of the covariance per sample. Prior consequence: the weight prior scales with the noise,
-``θ | σ² ~ N(μ₀, (σ²/σ₀²) P₀)`` — the price of the rule's robustness to a wrong guess: the variational-Bayes
-alternative (Särkkä and Nummenmaa 2009), which keeps ``P`` in absolute units, lets a too-small guess make the
-weights overconfident on the first samples, and the estimate never recovers (docs/hyper.md).
+* ``obs_noise="auto"`` (reweigh): the data absorbed so far were weighed by ``1/ρ``; they are reweighed by
+  ``1/ρ⁺``, keeping the prior ``N(μ₀, Λ₀⁻¹)`` in absolute units (:meth:`~ppl_kbnn.beliefs.Belief.reweigh_data`
+  with ``c = 1/f``):
+
+  .. math:: Λ^+ = Λ_0 + c\,(Λ - Λ_0), \qquad Λ^+ μ^+ = Λ_0 μ_0 + c\,(Λ μ - Λ_0 μ_0).
+
+  On a linear network the belief after every sample is then the exact Gaussian posterior of all samples so far
+  under the current plug-in noise (tested) — the weights' step of variational Bayes with an inverse-Gamma noise
+  belief (Särkkä and Nummenmaa 2009) with the past data re-weighed exactly instead of left at the noise they were
+  absorbed with. A guess far too small therefore does not leave the weights overconfident: the early samples lose
+  their excess weight as the estimate grows. On a network, ``Λ - Λ₀`` is the linearised data information each
+  structure holds (KBNN's hidden-neuron blocks included), reweighed as if it were exact. Cost per sample: one
+  batched ``p × p`` solve per linear map (``block``), a ``D × D`` solve (``full``), elementwise (``diag``,
+  ``lowrank``).
+* ``obs_noise="auto-conjugate"``: the weight belief is held *conditional on the noise*, as in the conjugate
+  normal-inverse-Gamma model, ``θ | σ² ~ N(μ, (σ²/ρ) P)``: ``P⁺ ← f P⁺``. For one output this is exactly the
+  conjugate update (``ρ r² / S = r² / S̃`` with ``S̃ = J V Jᵀ + 1`` in noise units): on a linear network the belief
+  mean is the exact posterior mean, ``P = (β/α) V`` the scale matrix of the exact Student-t marginal and ``(α, β)``
+  the exact noise posterior (tested). Its prior scales with the noise, ``θ | σ² ~ N(μ₀, (σ²/σ₀²) P₀)``: noise ``k``
+  times the guess widens the weight prior ``k`` times, which overstates the epistemic part (and understates the
+  noise) when ``prior_scale`` is an absolute statement, e.g. how far fine-tuning may move pre-trained weights.
+* ``obs_noise="auto-independent"``: the weight belief is left as it is (a Kalman filter with the plug-in noise).
+  Samples absorbed while ``ρ`` is still far too small leave the weights overconfident, and their later residuals
+  are read as noise (estimate biased high after a guess far too small). Kept as the ablation of the reweighing.
+
 ``guide.obs_noise`` reports ``sqrt(β/α)``; :meth:`NoiseBelief.distribution` the whole inverse-Gamma belief.
-
-``obs_noise="auto-independent"`` keeps the same noise belief and ``β`` update but skips the rescaling (``f = 1``):
-the weight belief stays in absolute units, so the weight prior is the model's whatever the noise (a Kalman filter
-with the plug-in noise ``ρ``, whose ``β`` update makes the standardised innovations ``r² / S`` average one). The
-conjugate rule's prior ``N(μ₀, (σ²/σ₀²) P₀)`` means that noise ``k`` times the guess widens the weight prior ``k``
-times; when ``prior_scale`` is an absolute statement (how far fine-tuning may move pre-trained weights) the
-epistemic part is then overstated and the noise understated (the pendulum uncertainty study, docs/hyper.md). The
-price of the independent rule: samples absorbed while ``ρ`` is still far too small leave the weights
-overconfident, and their later residuals are read as noise (estimate biased high after a guess far too small).
+Measured against each other in docs/hyper.md.
 """
 
 from __future__ import annotations
@@ -68,14 +78,18 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-__all__ = ["NOISE_MODES", "OUTLIERS", "PRIOR_GRID", "NoiseBelief", "OutlierWarning", "default_threshold", "observation"]
+__all__ = ["NOISE_MODES", "NOISE_RULES", "OUTLIERS", "PRIOR_GRID", "NoiseBelief", "OutlierWarning", "default_threshold",
+           "observation"]
 
 OUTLIERS = ("warn", "gate", "wolf")
 """``outliers=`` modes (module docstring)."""
 
-NOISE_MODES = ("auto", "auto-independent", "auto-reweighted")
-"""``obs_noise=`` modes that learn the noise (module docstring): the conjugate rule, or the weight prior kept in
-absolute units."""
+NOISE_MODES = ("auto", "auto-conjugate", "auto-independent")
+"""``obs_noise=`` modes that learn the noise (module docstring): the data reweighed by each new estimate (the
+default), the conjugate normal-inverse-Gamma rule, or the weight belief left alone."""
+
+NOISE_RULES = {"auto": "reweigh", "auto-conjugate": "conjugate", "auto-independent": "independent"}
+"""The :class:`NoiseBelief` rule of each ``obs_noise=`` mode."""
 
 PRIOR_GRID = (0.05, 0.1, 0.2, 0.5, 1.0)
 """Candidate prior scales of ``prior_scale="auto"``."""
@@ -101,11 +115,12 @@ def default_threshold(m: int) -> float:
 
 class NoiseBelief(nn.Module):
     """Inverse-Gamma belief ``IG(α_k, β_k)`` over each output's noise variance (module docstring); buffers
-    ``alpha``, ``beta`` ``(d_out,)``, so it is part of the guide's ``state_dict``."""
+    ``alpha``, ``beta`` ``(d_out,)``, so it is part of the guide's ``state_dict``. ``rule``: what the guide does
+    to the weight belief when the estimate moves (:data:`NOISE_RULES`)."""
 
-    RULES = ("conjugate", "independent", "reweigh")
+    RULES = ("reweigh", "conjugate", "independent")
 
-    def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0, rule: str = "conjugate",
+    def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0, rule: str = "reweigh",
                  *, device: torch.device | str | None = None) -> None:  # fmt: skip
         super().__init__()
         if rule not in self.RULES:

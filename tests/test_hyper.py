@@ -127,13 +127,16 @@ def linear_guide(covariance: str = "block", update: str = "kbnn", guess: float =
 @pytest.mark.parametrize(("covariance", "update"), [("block", "kbnn"), ("diag", "kbnn"), ("full", "ekf"),
                                                     ("lowrank", "ekf")])  # fmt: skip
 @pytest.mark.parametrize("sigma", [0.05, 0.3, 1.0])
-def test_noise_estimate_within_ten_percent_after_500_samples(covariance, update, sigma):
-    """Known noise ``sigma``, prior guess 0.1 (2x to 10x off): the estimate after 500 samples is within 10%.
+@pytest.mark.parametrize("mode", ["auto", "auto-conjugate"])
+def test_noise_estimate_within_ten_percent_after_500_samples(covariance, update, sigma, mode):
+    """Known noise ``sigma``, prior guess 0.1 (2x to 10x off): the estimate after 500 samples is within 10%, with the
+    reweighing rule (``"auto"``) and the conjugate one.
 
     The low-rank belief with LoFi's ``truncation="diag"``; with ``"drop"`` (rank 2 of 4) the discarded precision makes
     the weights look uncertain enough to explain most residuals: estimate 0.061 for sigma 0.3 (docs/hyper.md)."""
     X, Y = linear_stream(500, sigma)
-    guide = linear_guide(covariance, update, **({"rank": 2, "truncation": "diag"} if covariance == "lowrank" else {}))
+    low = {"rank": 2, "truncation": "diag"} if covariance == "lowrank" else {}
+    guide = linear_guide(covariance, update, obs_noise=mode, **low)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OutlierWarning)  # the first samples are far off the 0.1 guess
         guide.update(X, Y)
@@ -145,10 +148,11 @@ def test_noise_estimate_within_ten_percent_after_500_samples(covariance, update,
 
 @pytest.mark.parametrize(("covariance", "update"), [("block", "kbnn"), ("full", "ekf")])
 def test_linear_network_with_unknown_noise_is_the_exact_normal_inverse_gamma_posterior(covariance, update):
-    """One output: the guide's noise belief is the conjugate NIG posterior's ``IG(a_n, b_n)``, its weight mean the exact
-    posterior mean and its covariance ``(b_n / a_n) V_n`` (the scale matrix of the exact Student-t marginal)."""
+    """``obs_noise="auto-conjugate"``, one output: the guide's noise belief is the conjugate NIG posterior's
+    ``IG(a_n, b_n)``, its weight mean the exact posterior mean and its covariance ``(b_n / a_n) V_n`` (the scale
+    matrix of the exact Student-t marginal)."""
     X, Y = linear_stream(40, 0.3)
-    guide = linear_guide(covariance, update, guess=0.2)
+    guide = linear_guide(covariance, update, guess=0.2, obs_noise="auto-conjugate")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OutlierWarning)
         guide.update(X, Y)
@@ -395,13 +399,13 @@ def test_uncertainty_study_runs_the_auto_policy():
     y = ctx.pop("target")
     x = {k: ctx[k] for k in ("returns_to_go", "states", "actions", "timesteps", "attention_mask")}
     s = StudySettings(context=4, noise_levels=(0.0, 0.3), n_uncertainty=6, n_heldout_uncertainty=8)
-    assert s.obs_noise_policies == ("matched", "fixed", "auto", "auto-independent")
+    assert s.obs_noise_policies == ("matched", "fixed", "auto", "auto-conjugate")
     held = {k: v[10:] for k, v in x.items()}
     unc = uncertainty_study(net, s, 0, x, y, held, y[10:])
     rows = {(r["sigma"], r["obs_noise_policy"]): r for r in unc["rows"]}
     assert set(rows) == {(sg, p) for sg in (0.0, 0.3) for p in s.obs_noise_policies}
     assert set(unc["obs_noise_policies"]) == set(s.obs_noise_policies)
-    for sigma, policy in [(sg, p) for sg in (0.0, 0.3) for p in ("auto", "auto-independent")]:
+    for sigma, policy in [(sg, p) for sg in (0.0, 0.3) for p in ("auto", "auto-conjugate")]:
         r = rows[(sigma, policy)]
         assert r["n_updates"] == 6 and r["outliers"] >= 0
         assert r["obs_noise"] == pytest.approx((r["noise_beta"] / r["noise_alpha"]) ** 0.5)
@@ -480,7 +484,7 @@ def test_auto_independent_noise_is_the_kalman_filter_with_the_plug_in_noise():
         guide.update(X, Y)
     assert abs(float(guide.obs_noise) / 0.3 - 1) < 0.1
     with pytest.raises(ValueError, match="obs_noise_mode"):
-        linear_guide().load_state_dict(guide.state_dict())  # the conjugate rule refuses the other mode's checkpoint
+        linear_guide().load_state_dict(guide.state_dict())  # the reweighing rule refuses the other mode's checkpoint
     with pytest.raises(ValueError, match="obs_noise must be"):
         linear_guide(obs_noise="vb")
 
@@ -509,12 +513,12 @@ def test_reweigh_data_is_the_precision_form_rescaling(covariance, update, c):
 
 @pytest.mark.parametrize(("covariance", "update"), [("block", "kbnn"), ("full", "ekf"), ("lowrank", "ekf")])
 def test_reweighted_noise_on_a_linear_network_is_the_exact_posterior_given_the_final_estimate(covariance, update):
-    """``obs_noise="auto-reweighted"`` on a linear network: after every sample the weight belief is the exact Gaussian
+    """``obs_noise="auto"`` on a linear network: after every sample the weight belief is the exact Gaussian
     posterior of all samples so far under the current plug-in noise ``ρ = β/α`` and the model's prior (absolute
     units): ``N((Λ₀ + ΦᵀΦ/ρ)⁻¹(Λ₀μ₀ + ΦᵀY/ρ), (Λ₀ + ΦᵀΦ/ρ)⁻¹)``; a guess 10x too small is recovered."""
     X, Y = linear_stream(60, 1.0)
     kw = {"rank": 4} if covariance == "lowrank" else {}
-    guide = linear_guide(covariance, update, guess=0.1, obs_noise="auto-reweighted", **kw)
+    guide = linear_guide(covariance, update, guess=0.1, obs_noise="auto", **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OutlierWarning)
         guide.update(X, Y)

@@ -76,8 +76,8 @@ class StudySettings:
         noise_levels: label-noise std σ in normalised action units (action / 3).
         n_uncertainty: streamed samples per σ; uncertainty_covariance: KBT covariance used.
         obs_noise_policies: ``"matched"`` (``obs_noise = sqrt(obs_noise² + σ²)``), ``"fixed"``
-            (``obs_noise`` whatever σ), ``"auto"`` and ``"auto-independent"`` (learnt online:
-            :func:`uncertainty_study`).
+            (``obs_noise`` whatever σ), ``"auto"``, ``"auto-conjugate"`` and ``"auto-independent"`` (learnt
+            online: :func:`uncertainty_study`); default: all but the ablation ``"auto-independent"``.
     threads: torch threads during the run (1 is fastest for these tiny networks).
     """
 
@@ -113,7 +113,7 @@ class StudySettings:
     noise_levels: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.4)
     n_uncertainty: int = 200
     uncertainty_covariance: str = "block"
-    obs_noise_policies: tuple[str, ...] = POLICIES
+    obs_noise_policies: tuple[str, ...] = ("matched", "fixed", "auto", "auto-conjugate")
     threads: int = 1
 
     def __post_init__(self) -> None:

@@ -8,10 +8,12 @@ The observation noise follows one of three policies:
 * ``"matched"``: ``obs_noise = sqrt(obs_noise² + σ²)``: the model is told the injected noise;
 * ``"fixed"``: ``obs_noise`` whatever ``σ``: the model is not told;
 * ``"auto"``: ``KalmanGuide(obs_noise="auto")``: the noise variance is learnt online from the stream
-  (inverse-Gamma belief, prior centred on ``obs_noise``, weights conditional on it, the conjugate
-  normal-inverse-Gamma rule: :mod:`ppl_kbnn.hyper`); the weight prior then scales with the noise estimate;
+  (inverse-Gamma belief, prior centred on ``obs_noise``), the weight prior kept at ``prior_scale`` and the
+  samples absorbed so far reweighed by every new estimate (:mod:`ppl_kbnn.hyper`);
+* ``"auto-conjugate"``: ``KalmanGuide(obs_noise="auto-conjugate")``: the same noise belief, the conjugate
+  normal-inverse-Gamma rule (the weight prior scales with the noise estimate);
 * ``"auto-independent"``: ``KalmanGuide(obs_noise="auto-independent")``: the same noise belief, the weight
-  belief kept in absolute units (the weight prior is ``prior_scale`` whatever the noise).
+  belief left as absorbed (an ablation of the reweighing).
 
 Learnt-noise rows report the final estimate ``sqrt(β/α)`` and a 90 % credible interval of it.
 
@@ -35,7 +37,7 @@ from ..model import BayesianModel
 
 __all__ = ["POLICIES", "uncertainty_study"]
 
-POLICIES = ("matched", "fixed", "auto", "auto-independent", "auto-reweighted")
+POLICIES = ("matched", "fixed", "auto", "auto-conjugate", "auto-independent")
 """Observation-noise policies of :func:`uncertainty_study` (module docstring)."""
 
 Z90 = 1.6448536269514722  # the standard normal 0.95 quantile: a central 90 % interval is mean ± Z90 · std
@@ -105,7 +107,7 @@ def uncertainty_study(
 
     Returns:
         ``{"units", "covariance", "hidden", "n_updates", "n_heldout", "noise", "obs_noise_policies", "rows"}``;
-        one row per (σ, policy): ``sigma``, ``obs_noise_policy``, ``obs_noise`` (the std used; for ``"auto"`` the
+        one row per (σ, policy): ``sigma``, ``obs_noise_policy``, ``obs_noise`` (the std used; for a learnt noise the
         final estimate), ``n_updates``, ``mean_pred_std``, ``rms_pred_std``, ``mean_epistemic_std``,
         ``rmse_noisy_labels``, ``rmse_clean_labels``, ``coverage_90``, ``nll``, ``seconds_per_sample``,
         ``outliers`` (``guard_counts["outlier"]``); learnt-noise rows also ``obs_noise_var_std``,
@@ -169,13 +171,13 @@ def uncertainty_study(
     described = {
         "matched": f"obs_noise = sqrt({s.obs_noise:g}^2 + sigma^2): the model knows the injected noise",
         "fixed": f"obs_noise = {s.obs_noise:g} whatever sigma: the model does not know it",
-        "auto": f"obs_noise='auto': the noise variance learnt online (inverse-Gamma belief, prior guess "
-        f"{s.obs_noise:g}; conjugate rule, the weight prior scales with the noise); obs_noise is the final estimate",
+        "auto": f"obs_noise='auto': the noise learnt online (prior guess {s.obs_noise:g}), the weight prior fixed at "
+        f"prior_scale {s.prior_scale:g}, the samples absorbed so far reweighed by every new estimate; obs_noise is "
+        "the final estimate",
+        "auto-conjugate": f"obs_noise='auto-conjugate': the noise learnt online (prior guess {s.obs_noise:g}; "
+        "conjugate rule, the weight prior scales with the noise); obs_noise is the final estimate",
         "auto-independent": f"obs_noise='auto-independent': the noise learnt online (prior guess {s.obs_noise:g}), "
-        f"the weight prior fixed at prior_scale {s.prior_scale:g}; obs_noise is the final estimate",
-        "auto-reweighted": f"obs_noise='auto-reweighted': the noise learnt online (prior guess {s.obs_noise:g}), the "
-        f"weight prior fixed at prior_scale {s.prior_scale:g}, the data absorbed so far reweighed by every new "
-        "estimate; obs_noise is the final estimate",
+        f"the weight belief left as absorbed (prior_scale {s.prior_scale:g}); obs_noise is the final estimate",
     }
     return {
         "units": "normalised actions (action / 3, the tanh head's scale); sigma = injected label-noise std",
