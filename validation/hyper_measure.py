@@ -1,5 +1,6 @@
 """Measurements behind docs/hyper.md: outlier modes, the noise estimate, coverage on an adversarial stream, and the
-automatic prior scale. Run: ``OMP_NUM_THREADS=1 python validation/hyper_measure.py`` (float64, a few minutes)."""
+automatic prior scale. Run: ``OMP_NUM_THREADS=1 python validation/hyper_measure.py [outliers] [noise] [prior_scale]``
+(float64, a few minutes; default: all three parts)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import warnings
 import torch
 
 import ppl_kbnn as pk
-from ppl_kbnn.hyper import PRIOR_GRID, OutlierWarning
+from ppl_kbnn.hyper import NOISE_MODES, PRIOR_GRID, OutlierWarning
 
 FUNCS = {
     "sine": lambda x: torch.sin(x) + 0.3 * x,
@@ -61,23 +62,25 @@ def outliers() -> None:
 
 
 def noise() -> None:
-    print("## noise estimate / truth after 500 samples, linear net, prior guess g (block, kbnn)")
-    for guess in (0.03, 0.1, 0.3, 1.0, 3.0):
-        row = []
-        for sigma in (0.05, 0.3, 1.0):
-            gen = torch.Generator().manual_seed(2)
-            X = torch.randn(500, 3, generator=gen)
-            Y = X @ torch.tensor([[1.0, -0.5, 0.2]]).T + 0.4 + sigma * torch.randn(500, 1, generator=gen)
-            torch.manual_seed(0)
-            g = pk.KalmanGuide(pk.BayesianModel(torch.nn.Linear(3, 1), 1.0, guess), "block", obs_noise="auto")
-            g.update(X, Y)
-            row.append(f"{float(g.obs_noise) / sigma:.3f}")
-        print(f"| g={guess} | " + " | ".join(row) + " |")
-    print("## alternating +100/-100 at one input, 100 samples: 90% interval coverage (fixed 0.1 / auto)")
+    for mode in NOISE_MODES:
+        print(f"## noise estimate / truth after 500 samples, linear net, guess g (block, kbnn), obs_noise={mode!r}")
+        for guess in (0.03, 0.1, 0.3, 1.0, 3.0):
+            row = []
+            for sigma in (0.05, 0.3, 1.0):
+                gen = torch.Generator().manual_seed(2)
+                X = torch.randn(500, 3, generator=gen)
+                Y = X @ torch.tensor([[1.0, -0.5, 0.2]]).T + 0.4 + sigma * torch.randn(500, 1, generator=gen)
+                torch.manual_seed(0)
+                g = pk.KalmanGuide(pk.BayesianModel(torch.nn.Linear(3, 1), 1.0, guess), "block", obs_noise=mode)
+                g.update(X, Y)
+                row.append(f"{float(g.obs_noise) / sigma:.3f}")
+            print(f"| g={guess} | " + " | ".join(row) + " |")
+    print("## alternating +100/-100 at one input, 100 samples: 90% interval coverage (noise estimate)")
+    print("| structure | fixed 0.1 | " + " | ".join(NOISE_MODES) + " |")
     x = torch.tensor([[0.5]])
     for cov, upd in [("block", "kbnn"), ("diag", "kbnn"), ("full", "ekf"), ("diag", "ekf")]:
         cover = {}
-        for mode in (None, "auto"):
+        for mode in (None, *NOISE_MODES):
             g = mlp_guide(cov, upd, 0, obs_noise=mode)
             hits = []
             for t in range(100):
@@ -86,9 +89,8 @@ def noise() -> None:
                 hits.append(bool((y - m).abs() <= 1.6449 * v.sqrt()))
                 g.update(x, y)
             cover[mode] = (sum(hits) / 100, float(g.obs_noise if mode is None else g.obs_noise[0]))
-        print(
-            f"| {cov} {upd} | {cover[None][0]:.2f} | {cover['auto'][0]:.2f} (noise estimate {cover['auto'][1]:.1f}) |"
-        )
+        print(f"| {cov} {upd} | {cover[None][0]:.2f} | "
+              + " | ".join(f"{cover[m][0]:.2f} ({cover[m][1]:.1f})" for m in NOISE_MODES) + " |")
 
 
 def prior_scale() -> None:
@@ -117,6 +119,8 @@ if __name__ == "__main__":
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", OutlierWarning)
-    outliers()
-    noise()
-    prior_scale()
+    import sys
+
+    parts = sys.argv[1:] or ["outliers", "noise", "prior_scale"]  # e.g. `python validation/hyper_measure.py noise`
+    for part in parts:
+        {"outliers": outliers, "noise": noise, "prior_scale": prior_scale}[part]()
