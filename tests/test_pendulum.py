@@ -206,7 +206,7 @@ def test_study_numbers_are_consistent(studies):
 
     unc = res["uncertainty"]
     rows = {(r["sigma"], r["obs_noise_policy"]): r for r in unc["rows"]}
-    assert set(rows) == {(s, p) for s in TINY["noise_levels"] for p in ("matched", "fixed", "auto", "auto-independent")}
+    assert set(rows) == {(s, p) for s in TINY["noise_levels"] for p in ("matched", "fixed", "auto", "auto-conjugate")}
     for (sigma, policy), r in rows.items():
         expected = math.sqrt(0.1**2 + sigma**2) if policy == "matched" else 0.1
         if not policy.startswith("auto"):  # learnt noise: the final estimate (tests/test_hyper.py)
