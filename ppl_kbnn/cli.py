@@ -406,7 +406,8 @@ def _parser() -> argparse.ArgumentParser:
             "matched to KBT's bytes and larger); success under noisy evaluation with 95 % intervals across "
             "streams, memory, time per sample, RMSE, offset tolerance, predicted uncertainty vs label noise. "
             "Writes results.json, results.md, pretrained_seed<N>.pt and PNGs. The default run takes about 10 "
-            "minutes on 2 cores; --full is the complete design (3 networks x 10 streams, 20 episodes).",
+            "minutes on 2 cores; --full is the complete design (3 networks x 10 streams per shift, checkpoints every "
+            "25 to 200).",
             "pendulum-out",
             "a small version (few episodes and samples): a smoke test, not a result",
         ),
@@ -428,7 +429,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
         if name == "pendulum":
             p.add_argument("--full", action="store_true",
-                           help="the full design (3 networks x 10 streams per shift, 20 episodes per checkpoint)")
+                           help="the full design (3 networks x 10 streams per shift, checkpoints every 25 to 200)")
             p.add_argument("--seeds", type=_seeds, default=None, metavar="A-B|A,B,..",
                            help="pre-trained network seeds (e.g. 0-2); overrides --seed and the preset's networks")
             p.add_argument("--workers", type=_workers, default=1,
