@@ -458,6 +458,10 @@ def test_onpolicy_study_outputs_and_intervals_across_streams(onpolicy_study):
     sm = res["summary"]["sensor_bias_0.1"]
     on = [u for u in res["units"] if u["condition"] == "onpolicy"]
     assert sorted(u["stream"] for u in on) == [0, 1]
+    # the belief-family and learnt-noise rows join the table
+    assert {"kbt_all_lowrank", "kbt_all_auto_noise"} <= set(sm["methods"])
+    md = (d / "results.md").read_text()
+    assert "low-rank (r = 10) + EKF" in md and "obs_noise='auto'" in md
     for name, m in sm["methods"].items():
         for c in m["checkpoints"]:
             per_stream = [r["successes"] / r["n_eval"] for u in on for r in u["methods"][name]["rows"]

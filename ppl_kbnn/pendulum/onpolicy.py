@@ -49,6 +49,7 @@ from .units import SUBSETS, load_pretrained, run_unit
 __all__ = [
     "DEFAULT",
     "FULL_DESIGN",
+    "KBT_VARIANTS",
     "QUICK_DESIGN",
     "OnPolicySettings",
     "mean_interval",
@@ -62,6 +63,10 @@ PRETRAIN_KEYS = ("n_nominal_episodes", "nominal_noise", "episode_steps", "d_mode
                  "activation", "pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_weight_decay")  # fmt: skip
 
 
+KBT_VARIANTS = ("lowrank", "auto_noise")
+"""Further KBT rows on all weights (:class:`OnPolicySettings` ``kbt_variants``)."""
+
+
 @dataclass(frozen=True)
 class OnPolicySettings:
     """Every knob of the on-policy study (defaults: the default run; :data:`QUICK_DESIGN`, :data:`FULL_DESIGN`).
@@ -72,6 +77,9 @@ class OnPolicySettings:
     n_eval: evaluation episodes per checkpoint; eval_action_noise, eval_reset_noise: their action noise std and
         the env's reset_noise_scale. stream_action_noise: action noise of the stream episodes.
     kbt_prior_all, kbt_prior_subset, obs_noise, kbt_covariance: KBT settings (all weights / embedding biases).
+    kbt_variants: further KBT rows on all weights (:data:`KBT_VARIANTS`): ``"lowrank"`` (``covariance="lowrank"``,
+        rank 10, ``update="ekf"``) and ``"auto_noise"`` (the block belief with ``obs_noise="auto"``: the noise
+        learnt online from the model's ``obs_noise`` as the guess).
     retrain_epochs, lr_grid: retraining; the learning rate is chosen from ``lr_grid`` on development streams.
     large_memory: the larger retraining buffer ``M`` (beside the one matched to KBT's bytes).
     n_dev_streams, dev_checkpoints, dev_n_eval: the development streams of the learning-rate choice.
@@ -100,6 +108,7 @@ class OnPolicySettings:
     kbt_prior_subset: float = 0.5
     obs_noise: float = 0.1
     kbt_covariance: str = "block"
+    kbt_variants: tuple[str, ...] = ("lowrank", "auto_noise")
     retrain_epochs: int = 5
     lr_grid: tuple[float, ...] = (0.003, 0.03, 0.1)
     large_memory: int = 50
@@ -116,7 +125,7 @@ class OnPolicySettings:
 
     def __post_init__(self) -> None:
         for name in ("networks", "shifts", "checkpoints", "lr_grid", "dev_checkpoints", "predictive_checkpoints",
-                     "tolerance_fractions", "predictive_methods"):  # fmt: skip
+                     "tolerance_fractions", "predictive_methods", "kbt_variants"):  # fmt: skip
             object.__setattr__(self, name, tuple(getattr(self, name)))
         pre = self.pretrain.items() if isinstance(self.pretrain, Mapping) else self.pretrain
         object.__setattr__(self, "pretrain", tuple((str(k), v) for k, v in pre))
@@ -165,6 +174,8 @@ class OnPolicySettings:
         need(
             self.kbt_covariance in ("block", "diag"), f"kbt_covariance must be block/diag, got {self.kbt_covariance!r}"
         )
+        need(set(self.kbt_variants) <= set(KBT_VARIANTS),
+             f"kbt_variants must be a subset of {KBT_VARIANTS}, got {self.kbt_variants!r}")  # fmt: skip
         need(len(self.lr_grid) >= 1 and all(math.isfinite(v) and v > 0 for v in self.lr_grid),
              f"lr_grid must hold finite learning rates > 0, got {self.lr_grid!r}")  # fmt: skip
         need(all(math.isfinite(f) and f >= 0 for f in self.tolerance_fractions), "tolerance_fractions must be >= 0")
@@ -409,6 +420,11 @@ def _methods(s: OnPolicySettings, mem: dict[str, Any], lrs: Mapping[str, float])
             "predictive": "kbt_embed" in s.predictive_methods,
         },
     ]
+    every = {"kind": "kbt", "subset": "all", "prior_scale": s.kbt_prior_all, "obs_noise": s.obs_noise}
+    if "lowrank" in s.kbt_variants:
+        ms.append({"name": "kbt_all_lowrank", **every, "covariance": "lowrank", "rank": 10, "update": "ekf"})
+    if "auto_noise" in s.kbt_variants:
+        ms.append({"name": "kbt_all_auto_noise", **every, "covariance": s.kbt_covariance, "noise_mode": "auto"})
     for subset, short in (("all", "all"), ("embed_bias", "embed")):
         M = mem[subset]["M"]
         sizes: list[tuple[str, int | None]] = [("matched", M if M < last else None)]

@@ -23,6 +23,8 @@ LABELS = {
     "exact_fix": "exact fix (reference)",
     "kbt_all": "KBT, all weights",
     "kbt_embed": "KBT, 16 embedding biases",
+    "kbt_all_lowrank": "KBT, all weights, low-rank (r = 10) + EKF",
+    "kbt_all_auto_noise": "KBT, all weights, obs_noise='auto'",
 }
 
 

@@ -18,7 +18,8 @@ path of the ``.pt`` file :func:`pretrain_unit` writes. Kinds:
 * ``"uncertainty"``: KBT's predicted std against injected label noise (``uncertainty_study``).
 
 Methods are dicts: ``{"name", "kind": "none" | "exact" | "kbt" | "retrain", "subset": "all" | "embed_bias",
-...}`` (KBT: ``covariance``, ``prior_scale``, ``obs_noise``, ``psd_repair``; retraining: ``memory``, ``lr``,
+...}`` (KBT: ``covariance``, ``prior_scale``, ``obs_noise``, ``psd_repair``, optionally ``update``, ``rank``,
+``noise_mode`` (``KalmanGuide(obs_noise=...)``); retraining: ``memory``, ``lr``,
 ``epochs``). ``subset="embed_bias"`` makes only the 16 biases of the state embedding (``embed_state.bias``)
 adaptable, for KBT and retraining alike.
 """
@@ -261,9 +262,11 @@ class _Method:
         elif self.kind == "kbt":
             model = BayesianModel(net, prior_scale=spec["prior_scale"], obs_noise=spec["obs_noise"],
                                   bayesian=SUBSETS[spec.get("subset", "all")])  # fmt: skip
+            low = {"rank": spec["rank"]} if "rank" in spec else {}
             self.guide = KalmanGuide(model, covariance=spec.get("covariance", "block"),
-                                     hidden=spec.get("hidden", "token"),
-                                     psd_repair=bool(spec.get("psd_repair", False)))  # fmt: skip
+                                     update=spec.get("update", "kbnn"), hidden=spec.get("hidden", "token"),
+                                     obs_noise=spec.get("noise_mode"), psd_repair=bool(spec.get("psd_repair", False)),
+                                     **low)  # fmt: skip
         elif self.kind == "retrain":
             model = BayesianModel(net, prior_scale=1.0, obs_noise=spec.get("obs_noise", 0.1),
                                   bayesian=SUBSETS[spec.get("subset", "all")])  # fmt: skip
