@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import types
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from ._threads import warn_if_oversubscribed
 from .beliefs import Belief, BlockBelief, DiagBelief, FullBelief, LowRankBelief
 from .hyper import observation
 from .kalman import (
@@ -52,12 +54,15 @@ from .kalman import (
 )
 from .kalman.steps import _safe_div, _weight_update
 from .moments import activation_moments, linear_moments, validation
+from .moments._checks import is_validating, set_validation
 from .propagate import Propagator, full_cov
 
 if TYPE_CHECKING:
     from .guide import KalmanGuide
 
 __all__ = ["ENGINES", "EKF", "SLR", "KBNNChain", "KBNNTransformer", "NetworkFunction", "READOUTS"]
+
+_LOG_2PI = math.log(2 * math.pi)
 
 READOUTS = ("moments", "linearised", "sampled")
 """Predictive read-outs: closed-form moment propagation, Jacobian linearisation at the mean, Monte Carlo draws."""
@@ -141,6 +146,7 @@ class _CompileOption(Engine):
         super().__init__(guide)
         self.compile = _compile_arg(compile)
         self._compiled: Any = None
+        self._lean: Any = None  # KBNNChain.lean_update's per-guide constants, set on its first call
 
     @classmethod
     def options(cls) -> set[str]:  # noqa: D102
@@ -163,17 +169,106 @@ class KBNNChain(_CompileOption):
     key, beliefs, readout = "kbnn", (BlockBelief, DiagBelief), "moments"
 
     def _compiled_step(self) -> Any:
-        """The compiled sample step of :func:`_chain_diag_step` for this guide's structure and settings."""
+        """The compiled sample step of :func:`_chain_diag_step` for this guide's structure and settings: ``(x (d_in,),
+        y (d_out,), rows) -> (new rows, stats)``. ``compile=True``: ahead-of-time compiled (AOTInductor,
+        :func:`_aot_step`); a backend name: ``torch.compile`` with that backend."""
         if self._compiled is None:
             g = self.guide
             nodes = tuple((n.index, None) if hasattr(n, "weight_site") else (None, n.activation) for n in g.nodes)
-            fn = functools.partial(
-                _fresh(_chain_diag_step), nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind,
-                noise_var=float(g.obs_noise) ** 2, var_floor=g.guards.var_floor, gain_clip=g.guards.gain_clip,
-                outliers=g.outliers, threshold=g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
-            backend = "inductor" if self.compile is True else self.compile
-            self._compiled = torch.compile(fn, backend=backend, dynamic=False)
+            kw = dict(nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind, noise_var=float(g.obs_noise) ** 2,
+                      var_floor=g.guards.var_floor, gain_clip=g.guards.gain_clip, outliers=g.outliers,
+                      threshold=g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
+            if self.compile is True:
+                rows = tuple(t for s in g.belief.layout.slots for t in g.belief.rows(s.index))
+                x = torch.zeros(g._linears[0].d_in, dtype=g.dtype, device=g.device)
+                y = torch.zeros(g._linears[-1].d_out, dtype=g.dtype, device=g.device)
+                self._compiled = _aot_step(kw, x, y, rows)
+            else:
+                fn = functools.partial(_fresh(_chain_diag_step), **kw)
+                self._compiled = torch.compile(fn, backend=self.compile, dynamic=False)
         return self._compiled
+
+    def lean_update(self, x: Any, y: Any) -> int:
+        """``guide.update(x, y)`` through the compiled step with the least Python per sample, or 0 where the full
+        path must run (which then checks, raises or falls back exactly as :meth:`KalmanGuide.update` does).
+
+        Taken for tensors of the belief's dtype and device in the shapes ``update`` accepts (``x`` ``(N, d_in)`` or
+        ``(d_in,)``; ``y`` ``(N, d_out)``, or ``(N,)`` / ``(d_out,)`` where unambiguous), with the model where the
+        belief is, no process noise, jitter or PSD repair. Whether ``x`` and ``y`` are finite is computed inside the
+        compiled step and read back with its other numbers (one host read per sample). Where a sample is not finite,
+        its innovation covariance is not positive definite or its update is not finite, every sample of the call is
+        taken back (the belief, counters and guard counts as before the call) and 0 returned: the full path then
+        raises the usual ``ValueError`` / ``FloatingPointError`` or runs the op-by-op step. Returns the number of
+        samples absorbed; sets ``n_updates`` and ``update_seconds``."""
+        g = self.guide
+        belief = g.belief
+        if self._lean is None:
+            slots = belief.layout.slots
+            self._lean = (g.process_noise == 0 and g.guards.jitter == 0 and not g.guards.psd_repair,
+                          (g._linears[0].d_in, g._linears[-1].d_out), [s.index for s in slots],
+                          [k for s in slots for k in (f"mean_{s.index}", f"cov_{s.index}")],
+                          g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
+        eligible, (d_in, d_out), indices, keys, threshold = self._lean
+        if not eligible:
+            return 0
+        ref = next(iter(belief._buffers.values()))
+        dtype, device = ref.dtype, ref.device
+        if type(x) is not torch.Tensor or type(y) is not torch.Tensor or x.dtype != dtype or y.dtype != dtype:
+            return 0
+        if x.device != device or y.device != device or g._model.dtype != dtype or g._model.device != device:
+            return 0
+        if x.dim() == 1:
+            x = x[None]
+        n = x.shape[0]
+        if y.dim() == 1 and d_out == 1 and y.shape[0] == n:
+            y = y[:, None]
+        elif y.dim() == 1 and n == 1 and y.shape[0] == d_out:
+            y = y[None]
+        if x.shape != (n, d_in) or y.shape != (n, d_out) or n == 0:
+            return 0
+        warn_if_oversubscribed()
+        step = self._compiled_step()
+        x, y = x.contiguous(), y.contiguous()
+        bufs, swap = belief._buffers, belief._swap
+        snapshot, counts = dict(bufs), g.guards.counts.copy()
+        last = (g._last_d2, g._last_logpdf)
+        gate = g.outliers == "gate"
+        outliers = floors = clips = 0
+        checks = is_validating()
+        set_validation(False)  # (torch.compile traces the moment functions: their checks off, as in the plain step)
+        t0 = time.perf_counter()
+        try:
+            for i in range(n):
+                new, stats = step(x[i], y[i], tuple(bufs[k] for k in keys))
+                d2, logdet, n_floor, n_clip, info, finite, data_ok = stats.tolist()  # the one read-back of the sample
+                if not (data_ok and info == 0 and finite):  # the full path raises or falls back (nothing kept)
+                    bufs.update(snapshot)
+                    g._last_d2, g._last_logpdf = last
+                    return 0
+                g._last_d2, g._last_logpdf = d2, -0.5 * (d2 + logdet + d_out * _LOG_2PI)
+                if d2 > threshold:
+                    outliers += 1
+                    if gate:
+                        continue
+                floors += n_floor
+                clips += n_clip
+                for k, index in enumerate(indices):
+                    swap(index, new[2 * k], new[2 * k + 1])
+        except BaseException:  # an interruption: put every row back, then re-raise
+            bufs.update(snapshot)
+            g.guards.counts.clear()
+            g.guards.counts.update(counts)
+            g._last_d2, g._last_logpdf = last
+            raise
+        finally:
+            set_validation(checks)
+        for name, c in (("outlier", outliers), ("var_floor", floors), ("gain_clip", clips)):
+            if c:
+                g.guards.counts[name] += int(c)
+        g._outliers_in_call = outliers
+        g.n_updates += n
+        g.update_seconds += time.perf_counter() - t0
+        return n
 
     def forward_moments(self, x: torch.Tensor, beliefs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Moments of the network output for inputs ``x`` ``(..., T, d_in)``; the cache holds, per node,
@@ -207,7 +302,7 @@ class KBNNChain(_CompileOption):
         rows = tuple(t for s in slots for t in g.belief.rows(s.index))
         with validation(False):
             new, stats = self._compiled_step()(x, y, rows)
-        d2, logdet, n_floor, n_clip, info, finite = stats.tolist()  # the one read-back of the sample
+        d2, logdet, n_floor, n_clip, info, finite, _ = stats.tolist()  # the one read-back of the sample
         if info != 0:
             return False
         m = y.shape[0]
@@ -296,14 +391,17 @@ def _chain_diag_step(
     gain_clip: float | None,
     outliers: str,
     threshold: float,
+    scalar: bool = False,
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """One KBNN chain sample step (``hidden="diag"``, fixed noise) as a pure function of tensors, for
     ``torch.compile``: the same operations as :meth:`KBNNChain._backward_diag` with the guards counted as tensors.
 
     ``rows``: ``(mean_0, cov_0, mean_1, cov_1, ...)`` in layer order; ``nodes``: per node ``(layer index, None)``
     or ``(None, activation)``. Returns the new rows (same layout; a layer the step does not reach keeps its
-    tensors; block covariances symmetrised) and ``stats`` ``(6,)``: ``d²``, ``log det S``, var-floor and gain-clip
-    counts, Cholesky ``info``, and 1 if every new row is finite (else 0).
+    tensors; block covariances symmetrised) and ``stats`` ``(7,)``: ``d²``, ``log det S``, var-floor and gain-clip
+    counts, Cholesky ``info``, 1 if every new row is finite (else 0), 1 if ``x`` and ``y`` are finite (else 0).
+    ``scalar``: with one output, ``S`` is a number and its Cholesky factor a square root (no LAPACK call; the same
+    values up to round-off: LAPACK's factor of a 1 × 1 matrix is not always the correctly rounded square root).
     """
     mean, cov, cache = x[None, :], None, []
     for index, act in nodes:
@@ -316,11 +414,19 @@ def _chain_diag_step(
     var = cov  # (1, d_out)
     resid = y - mean[0]
     R = torch.full(resid.shape, noise_var, dtype=resid.dtype, device=resid.device)
-    S = torch.diag(var[0]) + torch.diag(R)  # as ppl_kbnn.hyper.observation
-    L, info = torch.linalg.cholesky_ex(S)
-    z = torch.linalg.solve_triangular(L, resid[:, None], upper=False)[:, 0]
-    d2 = z @ z
-    logdet = 2.0 * torch.log(torch.diagonal(L)).sum()
+    if scalar and resid.shape[0] == 1:  # one output: S is a number (no LAPACK calls; equal up to round-off)
+        s = var[0, 0] + R[0]
+        sd = torch.sqrt(s)
+        info = (~(s > 0)).to(torch.int32)  # not positive (or NaN): as cholesky_ex's info
+        z = resid / sd
+        d2 = (z * z)[0]
+        logdet = 2.0 * torch.log(sd)
+    else:
+        S = torch.diag(var[0]) + torch.diag(R)  # as ppl_kbnn.hyper.observation
+        L, info = torch.linalg.cholesky_ex(S)
+        z = torch.linalg.solve_triangular(L, resid[:, None], upper=False)[:, 0]
+        d2 = z @ z
+        logdet = 2.0 * torch.log(torch.diagonal(L)).sum()
     if outliers == "wolf":
         R = R / (1.0 / (1.0 + d2 / threshold))
     n_floor = n_clip = torch.zeros((), dtype=var.dtype, device=var.device)
@@ -355,7 +461,9 @@ def _chain_diag_step(
     if w_kind == "block":  # symmetrised as BlockBelief commits them (the same ops; repeating them changes nothing)
         new[1::2] = [0.5 * (c + c.mT) for c in new[1::2]]
     finite = torch.stack([torch.isfinite(t).all() for t in new]).all()
-    stats = torch.stack([d2, logdet, n_floor.to(d2.dtype), n_clip.to(d2.dtype), info.to(d2.dtype), finite.to(d2.dtype)])
+    data_ok = torch.isfinite(x).all() & torch.isfinite(y).all()  # the sample's values (checked here, read back once)
+    stats = torch.stack([d2, logdet, n_floor.to(d2.dtype), n_clip.to(d2.dtype), info.to(d2.dtype), finite.to(d2.dtype),
+                         data_ok.to(d2.dtype)])  # fmt: skip
     return tuple(new), stats
 
 
@@ -378,6 +486,61 @@ def _fresh(f: Any) -> Any:
     g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
     g.__kwdefaults__ = f.__kwdefaults__
     return g
+
+
+AOT_INDUCTOR_CONFIGS: dict[str, Any] = {"realize_opcount_threshold": 4}
+"""Inductor settings of the ahead-of-time compiled chain step. A pointwise result with more operations than this is
+stored once rather than recomputed inside each consumer's loop: inductor's default (30) recomputes a ReLU layer's
+output moments (``erf``, ``exp``) inside every loop over a ``(p, p)`` weight block that reads them (measured: the
+1-50-1 block step's kernels take half the time with 4)."""
+
+_AOT_STEPS: dict[tuple, _AOTStep] = {}  # compiled steps by structure, settings, shapes, dtype and device
+
+
+class _StepModule(nn.Module):
+    """:func:`_chain_diag_step` with fixed settings as a module of tensors only, for ``torch.export``."""
+
+    def __init__(self, kw: dict[str, Any]) -> None:
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with validation(False):
+            new, stats = _chain_diag_step(x, y, rows, scalar=True, **self.kw)
+        return (*new, stats)
+
+
+class _AOTStep:
+    """A loaded AOTInductor package of :func:`_chain_diag_step`: ``(x, y, rows) -> (new rows, stats)``, called
+    without ``torch.compile``'s guards or wrappers. The package was compiled for contiguous tensors of fixed shapes,
+    dtype and device; the shapes, dtype and device are the caller's to check (:meth:`KBNNChain.lean_update` and
+    :meth:`KalmanGuide.update` do), contiguity is made here."""
+
+    def __init__(self, model: Any) -> None:
+        self._run = model.loader.boxed_run  # the flat call under AOTICompiledModel.__call__ (no pytree round trip)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rows: tuple[torch.Tensor, ...]) -> tuple[list, torch.Tensor]:
+        out = self._run([t if t.is_contiguous() else t.contiguous() for t in (x, y, *rows)])
+        return out[:-1], out[-1]
+
+
+def _aot_step(kw: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rows: tuple[torch.Tensor, ...]) -> _AOTStep:
+    """The AOTInductor-compiled :func:`_chain_diag_step` for settings ``kw`` and example inputs (their shapes, dtype
+    and device), compiled once per process and shared by guides of the same structure and settings."""
+    key = (tuple(sorted(kw.items())), x.dtype, str(x.device), tuple(x.shape), tuple(y.shape),
+           tuple(tuple(t.shape) for t in rows))  # fmt: skip
+    if key not in _AOT_STEPS:
+        import tempfile
+
+        import torch._inductor
+
+        args = (x, y, *(t.contiguous() for t in rows))
+        program = torch.export.export(_StepModule(kw), args, strict=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
+                                                            inductor_configs=dict(AOT_INDUCTOR_CONFIGS))  # fmt: skip
+            _AOT_STEPS[key] = _AOTStep(torch._inductor.aoti_load_package(path))
+    return _AOT_STEPS[key]
 
 
 def _compile_arg(compile: Any) -> bool | str:  # noqa: A002

@@ -613,6 +613,9 @@ class KalmanGuide(PyroModule):
         update produces a non-finite belief; in both cases, and on any interruption (``KeyboardInterrupt``
         included), the belief, ``n_updates`` and ``guard_counts`` are left exactly as they were.
         """
+        if isinstance(self.engine, KBNNChain) and self.engine.compile is not False and self.engine.lean_update(x, y):
+            self._warn_outliers()  # the compiled chain step absorbed every sample (checks included; lean_update)
+            return self
         self._check_placement()
         if self.transformer:
             x, n = self._check_seq_x(x)
@@ -662,6 +665,12 @@ class KalmanGuide(PyroModule):
             self._in_batch = 0
         self.n_updates += n
         self.update_seconds += time.perf_counter() - t0
+        self._warn_outliers()
+        return self
+
+    def _warn_outliers(self) -> None:
+        """The end of :meth:`update`: one :class:`~ppl_kbnn.hyper.OutlierWarning` if samples of the call were flagged
+        (``outliers="warn"``)."""
         if self._outliers_in_call and self.outliers == "warn":
             # a constant text: Python shows it once per calling line, the counts are in guard_counts["outlier"]
             thr = "the chi-square 1-1e-6 quantile" if self.outlier_threshold is None else self.outlier_threshold
@@ -669,8 +678,7 @@ class KalmanGuide(PyroModule):
                 f"sample(s) with an innovation beyond the outlier threshold (squared Mahalanobis distance > {thr}) "
                 "were absorbed as usual and counted in guard_counts['outlier']. Use outliers='gate' or 'wolf' for "
                 "robust updates, or obs_noise='auto' if the noise is larger than assumed.", OutlierWarning,
-                stacklevel=3)  # fmt: skip  (1: here, 2: torch.no_grad's wrapper, 3: the caller of update)
-        return self
+                stacklevel=4)  # fmt: skip  (1: here, 2: update, 3: torch.no_grad's wrapper, 4: the caller of update)
 
     def _select(self, k: int) -> None:
         """Point :attr:`belief` (and the noise belief) at candidate prior scale ``k`` (plain attributes: the
