@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import time
 import types
 import warnings
@@ -172,8 +173,10 @@ class KBNNChain(_CompileOption):
         """The compiled sample step of :func:`_chain_diag_step` for this guide's structure and settings: ``(x (d_in,),
         y (d_out,), rows) -> (new rows, stats)``. ``compile=True``: ahead-of-time compiled (AOTInductor,
         :func:`_aot_step`); a backend name: ``torch.compile`` with that backend."""
+        g = self.guide
+        if self._compiled is not None and self.compile is True and self._compiled.placement != (g.dtype, g.device):
+            self._compiled = None  # the guide was moved (guide.to): the package was compiled for other tensors
         if self._compiled is None:
-            g = self.guide
             nodes = tuple((n.index, None) if hasattr(n, "weight_site") else (None, n.activation) for n in g.nodes)
             kw = dict(nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind, noise_var=float(g.obs_noise) ** 2,
                       var_floor=g.guards.var_floor, gain_clip=g.guards.gain_clip, outliers=g.outliers,
@@ -227,25 +230,28 @@ class KBNNChain(_CompileOption):
         if x.shape != (n, d_in) or y.shape != (n, d_out) or n == 0:
             return 0
         warn_if_oversubscribed()
-        step = self._compiled_step()
+        step, aot = self._compiled, self.compile is True
+        if step is None or (aot and step.placement != (dtype, device)):
+            step = self._compiled_step()
         x, y = x.contiguous(), y.contiguous()
-        bufs, swap = belief._buffers, belief._swap
-        snapshot, counts = dict(bufs), g.guards.counts.copy()
-        last = (g._last_d2, g._last_logpdf)
+        bufs, swap, gd = belief._buffers, belief._swap, g.__dict__  # (the per-update counters live in __dict__)
+        snapshot, last = dict(bufs), (gd["_last_d2"], gd["_last_logpdf"])
+        rows = operator.itemgetter(*keys)
         gate = g.outliers == "gate"
         outliers = floors = clips = 0
         checks = is_validating()
-        set_validation(False)  # (torch.compile traces the moment functions: their checks off, as in the plain step)
+        if not aot:
+            set_validation(False)  # torch.compile traces the moment functions: their checks off, as in the plain step
         t0 = time.perf_counter()
         try:
             for i in range(n):
-                new, stats = step(x[i], y[i], tuple(bufs[k] for k in keys))
+                new, stats = step(x[i], y[i], rows(bufs))
                 d2, logdet, n_floor, n_clip, info, finite, data_ok = stats.tolist()  # the one read-back of the sample
                 if not (data_ok and info == 0 and finite):  # the full path raises or falls back (nothing kept)
                     bufs.update(snapshot)
-                    g._last_d2, g._last_logpdf = last
+                    gd["_last_d2"], gd["_last_logpdf"] = last
                     return 0
-                g._last_d2, g._last_logpdf = d2, -0.5 * (d2 + logdet + d_out * _LOG_2PI)
+                gd["_last_d2"], gd["_last_logpdf"] = d2, -0.5 * (d2 + logdet + d_out * _LOG_2PI)
                 if d2 > threshold:
                     outliers += 1
                     if gate:
@@ -256,18 +262,21 @@ class KBNNChain(_CompileOption):
                     swap(index, new[2 * k], new[2 * k + 1])
         except BaseException:  # an interruption: put every row back, then re-raise
             bufs.update(snapshot)
-            g.guards.counts.clear()
-            g.guards.counts.update(counts)
-            g._last_d2, g._last_logpdf = last
+            gd["_last_d2"], gd["_last_logpdf"] = last
             raise
         finally:
-            set_validation(checks)
-        for name, c in (("outlier", outliers), ("var_floor", floors), ("gain_clip", clips)):
-            if c:
-                g.guards.counts[name] += int(c)
-        g._outliers_in_call = outliers
-        g.n_updates += n
-        g.update_seconds += time.perf_counter() - t0
+            if not aot:
+                set_validation(checks)
+        counts = g.guards.counts
+        if outliers:
+            counts["outlier"] += outliers
+        if floors:
+            counts["var_floor"] += int(floors)
+        if clips:
+            counts["gain_clip"] += int(clips)
+        gd["_outliers_in_call"] = outliers
+        gd["n_updates"] += n
+        gd["update_seconds"] += time.perf_counter() - t0
         return n
 
     def forward_moments(self, x: torch.Tensor, beliefs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -488,11 +497,13 @@ def _fresh(f: Any) -> Any:
     return g
 
 
-AOT_INDUCTOR_CONFIGS: dict[str, Any] = {"realize_opcount_threshold": 4}
-"""Inductor settings of the ahead-of-time compiled chain step. A pointwise result with more operations than this is
-stored once rather than recomputed inside each consumer's loop: inductor's default (30) recomputes a ReLU layer's
-output moments (``erf``, ``exp``) inside every loop over a ``(p, p)`` weight block that reads them (measured: the
-1-50-1 block step's kernels take half the time with 4)."""
+AOT_INDUCTOR_CONFIGS: dict[str, Any] = {"realize_opcount_threshold": 4,
+                                        "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+"""Inductor settings of the ahead-of-time compiled chain step. ``realize_opcount_threshold``: a pointwise result with
+more operations than this is stored once rather than recomputed inside each consumer's loop (inductor's CPU default,
+50, recomputes a ReLU layer's output moments, ``erf`` and ``exp``, inside every loop over a ``(p, p)`` weight block
+that reads them: the 1-50-1 block step took 90 µs instead of 50). ``decompose_mm_pass``: a product with one row (a
+sample's first linear map) becomes part of the generated kernel instead of a call into ATen's ``addmm``."""
 
 _AOT_STEPS: dict[tuple, _AOTStep] = {}  # compiled steps by structure, settings, shapes, dtype and device
 
@@ -516,8 +527,12 @@ class _AOTStep:
     dtype and device; the shapes, dtype and device are the caller's to check (:meth:`KBNNChain.lean_update` and
     :meth:`KalmanGuide.update` do), contiguity is made here."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, placement: tuple[torch.dtype, torch.device]) -> None:
         self._run = model.loader.boxed_run  # the flat call under AOTICompiledModel.__call__ (no pytree round trip)
+        self.placement = placement  # the dtype and device it was compiled for
+
+    def __deepcopy__(self, memo: dict) -> _AOTStep:
+        return self  # compiled code, no state: a copied guide shares it
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rows: tuple[torch.Tensor, ...]) -> tuple[list, torch.Tensor]:
         out = self._run([t if t.is_contiguous() else t.contiguous() for t in (x, y, *rows)])
@@ -527,8 +542,9 @@ class _AOTStep:
 def _aot_step(kw: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rows: tuple[torch.Tensor, ...]) -> _AOTStep:
     """The AOTInductor-compiled :func:`_chain_diag_step` for settings ``kw`` and example inputs (their shapes, dtype
     and device), compiled once per process and shared by guides of the same structure and settings."""
-    key = (tuple(sorted(kw.items())), x.dtype, str(x.device), tuple(x.shape), tuple(y.shape),
-           tuple(tuple(t.shape) for t in rows))  # fmt: skip
+    configs = dict(AOT_INDUCTOR_CONFIGS)
+    key = (tuple(sorted(kw.items())), repr(sorted(configs.items())), x.dtype, str(x.device), tuple(x.shape),
+           tuple(y.shape), tuple(tuple(t.shape) for t in rows))  # fmt: skip
     if key not in _AOT_STEPS:
         import tempfile
 
@@ -538,8 +554,8 @@ def _aot_step(kw: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rows: tuple[
         program = torch.export.export(_StepModule(kw), args, strict=False)
         with tempfile.TemporaryDirectory() as tmp:
             path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
-                                                            inductor_configs=dict(AOT_INDUCTOR_CONFIGS))  # fmt: skip
-            _AOT_STEPS[key] = _AOTStep(torch._inductor.aoti_load_package(path))
+                                                            inductor_configs=configs)
+            _AOT_STEPS[key] = _AOTStep(torch._inductor.aoti_load_package(path), (x.dtype, x.device))
     return _AOT_STEPS[key]
 
 
