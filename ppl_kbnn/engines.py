@@ -551,8 +551,11 @@ def _aot_step(kw: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rows: tuple[
         import torch._inductor
 
         args = (x, y, *(t.contiguous() for t in rows))
-        program = torch.export.export(_StepModule(kw), args, strict=False)
-        with tempfile.TemporaryDirectory() as tmp:
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+            # torch.export and inductor's own deprecation notices (about their internals, not about this call)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.export.export(_StepModule(kw), args, strict=False)
             path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
                                                             inductor_configs=configs)
             _AOT_STEPS[key] = _AOTStep(torch._inductor.aoti_load_package(path), (x.dtype, x.device))

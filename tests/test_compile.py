@@ -295,3 +295,52 @@ def test_scalar_innovation_equals_the_cholesky_one():
         assert stats_b[4] == 0
         with validation(False):  # a negative noise variance: S is not positive, reported like cholesky_ex's info
             assert _chain_diag_step(x[i], y[i], rows, scalar=True, **(kw | {"noise_var": -1e6}))[1][4] == 1
+
+
+# ------------------------------------------------------------------------------------------ compile=True (AOTInductor)
+
+
+@pytest.fixture(scope="module")
+def aot_guides():
+    """One AOTInductor-compiled guide for the module (compiling takes seconds), beside a plain one, both after the
+    same first call."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no C++ compiler for inductor: {exc}")
+    model = _model(act=nn.GELU)
+    x, y = _data(12)
+    plain, comp = KalmanGuide(model, var_floor=0.5), KalmanGuide(model, var_floor=0.5, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        plain.update(x[:6], y[:6])
+        comp.update(x[:6], y[:6])
+    return plain, comp, x, y
+
+
+def test_aot_compiled_update_agrees_with_the_plain_one(aot_guides):
+    plain, comp, x, y = aot_guides
+    assert comp.guard_counts == plain.guard_counts and comp.guard_counts["outlier"] == 1
+    X = x[6:12].T.contiguous().T  # a non-contiguous input (the package was compiled for contiguous ones)
+    assert not X.is_contiguous()
+    mean, cov = comp.layer("0")
+    m0, c0 = mean.clone(), cov.clone()
+    comp.update(X, y[6:12])
+    plain.update(x[6:12], y[6:12])
+    assert torch.equal(mean, m0) and torch.equal(cov, c0)  # fresh output tensors: nothing read before is overwritten
+    for (k, u), (_, v) in zip(plain.belief.state_dict().items(), comp.belief.state_dict().items(), strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-10, atol=1e-13, msg=k)
+    assert comp.guard_counts == plain.guard_counts and comp.n_updates == plain.n_updates == 12
+    assert comp._last_logpdf == pytest.approx(plain._last_logpdf, rel=1e-12)
+
+
+def test_aot_compiled_update_rejects_bad_values_atomically(aot_guides):
+    _, comp, x, y = aot_guides
+    before = _state(comp)
+    X = x[:3].clone()
+    X[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="x: contains NaN entries"):
+        comp.update(X, y[:3])
+    _unchanged(comp, before)
