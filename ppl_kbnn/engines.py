@@ -170,8 +170,8 @@ class KBNNChain(_CompileOption):
     key, beliefs, readout = "kbnn", (BlockBelief, DiagBelief), "moments"
 
     def _compiled_step(self) -> Any:
-        """The compiled sample step of :func:`_chain_diag_step` for this guide's structure and settings: ``(x (d_in,),
-        y (d_out,), rows) -> (new rows, stats)``. ``compile=True``: ahead-of-time compiled (AOTInductor,
+        """The compiled sample step of :func:`_chain_diag_step` for this guide's structure and settings: ``(x (1, d_in),
+        y (1, d_out), rows) -> (new rows, stats)``. ``compile=True``: ahead-of-time compiled (AOTInductor,
         :func:`_aot_step`); a backend name: ``torch.compile`` with that backend."""
         g = self.guide
         if self._compiled is not None and self.compile is True and self._compiled.placement != (g.dtype, g.device):
@@ -183,8 +183,8 @@ class KBNNChain(_CompileOption):
                       threshold=g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
             if self.compile is True:
                 rows = tuple(t for s in g.belief.layout.slots for t in g.belief.rows(s.index))
-                x = torch.zeros(g._linears[0].d_in, dtype=g.dtype, device=g.device)
-                y = torch.zeros(g._linears[-1].d_out, dtype=g.dtype, device=g.device)
+                x = torch.zeros(1, g._linears[0].d_in, dtype=g.dtype, device=g.device)
+                y = torch.zeros(1, g._linears[-1].d_out, dtype=g.dtype, device=g.device)
                 self._compiled = _aot_step(kw, x, y, rows)
             else:
                 fn = functools.partial(_fresh(_chain_diag_step), **kw)
@@ -207,14 +207,16 @@ class KBNNChain(_CompileOption):
         belief = g.belief
         if self._lean is None:
             slots = belief.layout.slots
+            keys = [k for s in slots for k in (f"mean_{s.index}", f"cov_{s.index}")]
             self._lean = (g.process_noise == 0 and g.guards.jitter == 0 and not g.guards.psd_repair,
-                          (g._linears[0].d_in, g._linears[-1].d_out), [s.index for s in slots],
-                          [k for s in slots for k in (f"mean_{s.index}", f"cov_{s.index}")],
-                          g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
-        eligible, (d_in, d_out), indices, keys, threshold = self._lean
+                          (g._linears[0].d_in, g._linears[-1].d_out), [s.index for s in slots], keys[0],
+                          operator.itemgetter(*keys), g._outlier_threshold(g._linears[-1].d_out),
+                          g.outliers == "gate")  # fmt: skip
+        eligible, (d_in, d_out), indices, first, rows, threshold, gate = self._lean
         if not eligible:
             return 0
-        ref = next(iter(belief._buffers.values()))
+        bufs = belief._buffers
+        ref = bufs[first]
         dtype, device = ref.dtype, ref.device
         if type(x) is not torch.Tensor or type(y) is not torch.Tensor or x.dtype != dtype or y.dtype != dtype:
             return 0
@@ -229,23 +231,21 @@ class KBNNChain(_CompileOption):
             y = y[None]
         if x.shape != (n, d_in) or y.shape != (n, d_out) or n == 0:
             return 0
-        warn_if_oversubscribed()
+        if torch.get_num_threads() > 1:  # (it returns at once at one thread)
+            warn_if_oversubscribed()
         step, aot = self._compiled, self.compile is True
         if step is None or (aot and step.placement != (dtype, device)):
             step = self._compiled_step()
-        x, y = x.contiguous(), y.contiguous()
-        bufs, swap, gd = belief._buffers, belief._swap, g.__dict__  # (the per-update counters live in __dict__)
+        swap, gd = belief._swap, g.__dict__  # (the per-update counters live in __dict__)
         snapshot, last = dict(bufs), (gd["_last_d2"], gd["_last_logpdf"])
-        rows = operator.itemgetter(*keys)
-        gate = g.outliers == "gate"
         outliers = floors = clips = 0
         checks = is_validating()
         if not aot:
             set_validation(False)  # torch.compile traces the moment functions: their checks off, as in the plain step
         t0 = time.perf_counter()
         try:
-            for i in range(n):
-                new, stats = step(x[i], y[i], rows(bufs))
+            for xi, yi in ((x, y),) if n == 1 else zip(x.split(1), y.split(1), strict=True):  # (1, d_in), (1, d_out)
+                new, stats = step(xi, yi, rows(bufs))
                 d2, logdet, n_floor, n_clip, info, finite, data_ok = stats.tolist()  # the one read-back of the sample
                 if not (data_ok and info == 0 and finite):  # the full path raises or falls back (nothing kept)
                     bufs.update(snapshot)
@@ -310,7 +310,7 @@ class KBNNChain(_CompileOption):
         slots = g.belief.layout.slots
         rows = tuple(t for s in slots for t in g.belief.rows(s.index))
         with validation(False):
-            new, stats = self._compiled_step()(x, y, rows)
+            new, stats = self._compiled_step()(x[None], y[None], rows)
         d2, logdet, n_floor, n_clip, info, finite, _ = stats.tolist()  # the one read-back of the sample
         if info != 0:
             return False
@@ -405,6 +405,8 @@ def _chain_diag_step(
     """One KBNN chain sample step (``hidden="diag"``, fixed noise) as a pure function of tensors, for
     ``torch.compile``: the same operations as :meth:`KBNNChain._backward_diag` with the guards counted as tensors.
 
+    ``x`` ``(1, d_in)`` and ``y`` ``(1, d_out)``: one sample (a row of the caller's batch, taken without a copy).
+
     ``rows``: ``(mean_0, cov_0, mean_1, cov_1, ...)`` in layer order; ``nodes``: per node ``(layer index, None)``
     or ``(None, activation)``. Returns the new rows (same layout; a layer the step does not reach keeps its
     tensors; block covariances symmetrised) and ``stats`` ``(7,)``: ``d²``, ``log det S``, var-floor and gain-clip
@@ -412,7 +414,7 @@ def _chain_diag_step(
     ``scalar``: with one output, ``S`` is a number and its Cholesky factor a square root (no LAPACK call; the same
     values up to round-off: LAPACK's factor of a 1 × 1 matrix is not always the correctly rounded square root).
     """
-    mean, cov, cache = x[None, :], None, []
+    mean, cov, cache = x, None, []  # (1, d_in)
     for index, act in nodes:
         if index is not None:
             out = linear_moments(mean, cov, rows[2 * index], rows[2 * index + 1], kind=kind, w_kind=w_kind)
@@ -421,7 +423,7 @@ def _chain_diag_step(
         cache.append((index, cov, out))
         mean, cov = out.mean, out.cov
     var = cov  # (1, d_out)
-    resid = y - mean[0]
+    resid = y[0] - mean[0]  # (d_out,)
     R = torch.full(resid.shape, noise_var, dtype=resid.dtype, device=resid.device)
     if scalar and resid.shape[0] == 1:  # one output: S is a number (no LAPACK calls; equal up to round-off)
         s = var[0, 0] + R[0]
@@ -447,7 +449,7 @@ def _chain_diag_step(
         n_clip = n_clip + (k.abs() > gain_clip).sum()
         return k.clamp(-gain_clip, gain_clip)
 
-    filt_mean, filt_var = filter_step(mean, var, y[None, :], R)
+    filt_mean, filt_var = filter_step(mean, var, y, R)
     d_mean, d_var = filt_mean - mean, filt_var - var
     new = list(rows)
     for index, in_var, out in reversed(cache):

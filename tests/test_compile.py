@@ -287,14 +287,14 @@ def test_scalar_innovation_equals_the_cholesky_one():
     nodes = tuple((n.index, None) if hasattr(n, "weight_site") else (None, n.activation) for n in guide.nodes)
     kw = dict(nodes=nodes, kind="diag", w_kind="block", noise_var=0.01, var_floor=0.1, gain_clip=None, outliers="wolf",
               threshold=guide._outlier_threshold(1))  # fmt: skip
-    for i in range(4):
-        new_a, stats_a = _chain_diag_step(x[i], y[i], rows, **kw)
-        new_b, stats_b = _chain_diag_step(x[i], y[i], rows, scalar=True, **kw)
+    for xi, yi in zip(x.split(1), y.split(1), strict=True):
+        new_a, stats_a = _chain_diag_step(xi, yi, rows, **kw)
+        new_b, stats_b = _chain_diag_step(xi, yi, rows, scalar=True, **kw)
         for a, b in zip((*new_a, stats_a), (*new_b, stats_b), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-15)
         assert stats_b[4] == 0
         with validation(False):  # a negative noise variance: S is not positive, reported like cholesky_ex's info
-            assert _chain_diag_step(x[i], y[i], rows, scalar=True, **(kw | {"noise_var": -1e6}))[1][4] == 1
+            assert _chain_diag_step(xi, yi, rows, scalar=True, **(kw | {"noise_var": -1e6}))[1][4] == 1
 
 
 # ------------------------------------------------------------------------------------------ compile=True (AOTInductor)
