@@ -723,9 +723,9 @@ def _mlp_markdown(m: dict[str, Any]) -> list[str]:
     if "compiled" in t:
         tc = t["compiled"]
         secs = ", ".join(f"{names[r['method']]} {r['compile_s']:.1f} s" for r in m["rows"] if "compile_s" in r)
-        how = (" (the sample step compiled ahead of time with AOTInductor, called without `torch.compile`'s guards)"
+        how = (": the sample step compiled ahead of time with AOTInductor, called without `torch.compile`'s guards"
                if c.get("compile") is True else "")
-        lines += [f"Compiled (`compile={c.get('compile')!r}`{how}): {tc['median_ms']:.3f} ms (CPU "
+        lines += [f"Compiled (`compile={c.get('compile')!r}`{how}) — {tc['median_ms']:.3f} ms (CPU "
                   f"{tc['cpu_median_ms']:.3f} ms), {tc['median_ms'] / adamw['median_ms']:.2f} AdamW steps: "
                   f"{verdict(tc)}. The first, compiling update took: {secs}. ATen ops of a compiled update count only "
                   "the calls outside the generated kernels."]  # fmt: skip

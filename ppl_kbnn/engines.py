@@ -161,10 +161,16 @@ class KBNNChain(_CompileOption):
     """KBNN on an ``nn.Sequential`` chain: forward moments, output filter, smoothing I/II (:mod:`ppl_kbnn.kalman`).
 
     Option ``compile`` (``hidden="diag"``, fixed observation noise, one prior): ``False`` (default) runs the step
-    op by op; ``True`` compiles the whole sample step (forward moments, observation test, filter, smoothing, guard
-    counts) with ``torch.compile`` (inductor, which needs a C++ compiler) and ``"eager"`` / ``"aot_eager"`` / any
-    other backend name uses that backend. The compiled step returns the new rows and every count as tensors, read
-    back once per sample; the results equal the op-by-op step up to round-off (fused kernels reorder sums).
+    op by op. Otherwise the whole sample step (forward moments, observation test, filter, smoothing, guard counts,
+    the finiteness of the sample and of the new rows) is one compiled function that returns the new rows and every
+    count as tensors, read back once per sample. ``True`` compiles it ahead of time with AOTInductor
+    (``torch.export`` + ``torch._inductor.aoti_compile_and_package``, which needs a C++ compiler; once per process
+    for a structure, settings, dtype and device) and calls the compiled code directly: no ``torch.compile`` guards
+    or wrappers per call, so the shapes, dtypes and devices are checked by the guide (:meth:`lean_update`). A
+    ``torch.compile`` backend name (``"inductor"``, ``"eager"``, ``"aot_eager"``, ...) compiles it with
+    ``torch.compile`` and that backend instead. ``"eager"`` gives the op-by-op results bit for bit; inductor's fused
+    kernels agree up to round-off (they reorder sums; with one output the ahead-of-time step also takes ``√S``
+    instead of LAPACK's 1 × 1 Cholesky factor, which differ in the last bit).
     """
 
     key, beliefs, readout = "kbnn", (BlockBelief, DiagBelief), "moments"
