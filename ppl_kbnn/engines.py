@@ -148,6 +148,7 @@ class _CompileOption(Engine):
         self.compile = _compile_arg(compile)
         self._compiled: Any = None
         self._lean: Any = None  # KBNNChain.lean_update's per-guide constants, set on its first call
+        self._placement: tuple | None = None  # the (dtype, device) the compiled function was built for
 
     @classmethod
     def options(cls) -> set[str]:  # noqa: D102
@@ -163,10 +164,11 @@ class KBNNChain(_CompileOption):
     Option ``compile`` (``hidden="diag"``, fixed observation noise, one prior): ``False`` (default) runs the step
     op by op. Otherwise the whole sample step (forward moments, observation test, filter, smoothing, guard counts,
     the finiteness of the sample and of the new rows) is one compiled function that returns the new rows and every
-    count as tensors, read back once per sample. ``True`` compiles it ahead of time with AOTInductor
+    count as tensors, read back once per sample. ``True`` on the CPU compiles it ahead of time with AOTInductor
     (``torch.export`` + ``torch._inductor.aoti_compile_and_package``, which needs a C++ compiler; once per process
     for a structure, settings, dtype and device) and calls the compiled code directly: no ``torch.compile`` guards
-    or wrappers per call, so the shapes, dtypes and devices are checked by the guide (:meth:`lean_update`). A
+    or wrappers per call, so the shapes, dtypes and devices are checked by the guide (:meth:`lean_update`); on a
+    GPU ``True`` means ``torch.compile`` with inductor (the ahead-of-time path is not tested there). A
     ``torch.compile`` backend name (``"inductor"``, ``"eager"``, ``"aot_eager"``, ...) compiles it with
     ``torch.compile`` and that backend instead. ``"eager"`` gives the op-by-op results bit for bit; inductor's fused
     kernels agree up to round-off (they reorder sums; with one output the ahead-of-time step also takes ``√S``
@@ -176,25 +178,27 @@ class KBNNChain(_CompileOption):
     key, beliefs, readout = "kbnn", (BlockBelief, DiagBelief), "moments"
 
     def _compiled_step(self) -> Any:
-        """The compiled sample step of :func:`_chain_diag_step` for this guide's structure and settings: ``(x (1, d_in),
-        y (1, d_out), rows) -> (new rows, stats)``. ``compile=True``: ahead-of-time compiled (AOTInductor,
-        :func:`_aot_step`); a backend name: ``torch.compile`` with that backend."""
+        """The compiled sample step of :func:`_chain_diag_step` for this guide's structure, settings, dtype and
+        device: ``(x (1, d_in), y (1, d_out), rows) -> (new rows, stats)``. ``compile=True``: on the CPU compiled
+        ahead of time (AOTInductor, :func:`_aot_step`), elsewhere ``torch.compile`` with inductor; a backend name:
+        ``torch.compile`` with that backend. Rebuilt when the guide has been moved (``guide.to``)."""
         g = self.guide
-        if self._compiled is not None and self.compile is True and self._compiled.placement != (g.dtype, g.device):
-            self._compiled = None  # the guide was moved (guide.to): the package was compiled for other tensors
-        if self._compiled is None:
+        placement = (g.dtype, g.device)
+        if self._compiled is None or self._placement != placement:
             nodes = tuple((n.index, None) if hasattr(n, "weight_site") else (None, n.activation) for n in g.nodes)
             kw = dict(nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind, noise_var=float(g.obs_noise) ** 2,
                       var_floor=g.guards.var_floor, gain_clip=g.guards.gain_clip, outliers=g.outliers,
                       threshold=g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
-            if self.compile is True:
+            if self.compile is True and g.device.type == "cpu":
                 rows = tuple(t for s in g.belief.layout.slots for t in g.belief.rows(s.index))
                 x = torch.zeros(1, g._linears[0].d_in, dtype=g.dtype, device=g.device)
                 y = torch.zeros(1, g._linears[-1].d_out, dtype=g.dtype, device=g.device)
                 self._compiled = _aot_step(kw, x, y, rows)
-            else:
+            else:  # (AOTInductor on a GPU is untested here: the GPU keeps torch.compile)
                 fn = functools.partial(_fresh(_chain_diag_step), **kw)
-                self._compiled = torch.compile(fn, backend=self.compile, dynamic=False)
+                backend = "inductor" if self.compile is True else self.compile
+                self._compiled = torch.compile(fn, backend=backend, dynamic=False)
+            self._placement = placement
         return self._compiled
 
     def lean_update(self, x: Any, y: Any) -> int:
@@ -239,9 +243,10 @@ class KBNNChain(_CompileOption):
             return 0
         if torch.get_num_threads() > 1:  # (it returns at once at one thread)
             warn_if_oversubscribed()
-        step, aot = self._compiled, self.compile is True
-        if step is None or (aot and step.placement != (dtype, device)):
+        step = self._compiled
+        if step is None or self._placement != (dtype, device):
             step = self._compiled_step()
+        aot = isinstance(step, _AOTStep)
         swap, gd = belief._swap, g.__dict__  # (the per-update counters live in __dict__)
         snapshot, last = dict(bufs), (gd["_last_d2"], gd["_last_logpdf"])
         outliers = floors = clips = 0
@@ -535,9 +540,8 @@ class _AOTStep:
     dtype and device; the shapes, dtype and device are the caller's to check (:meth:`KBNNChain.lean_update` and
     :meth:`KalmanGuide.update` do), contiguity is made here."""
 
-    def __init__(self, model: Any, placement: tuple[torch.dtype, torch.device]) -> None:
+    def __init__(self, model: Any) -> None:
         self._run = model.loader.boxed_run  # the flat call under AOTICompiledModel.__call__ (no pytree round trip)
-        self.placement = placement  # the dtype and device it was compiled for
 
     def __deepcopy__(self, memo: dict) -> _AOTStep:
         return self  # compiled code, no state: a copied guide shares it
@@ -566,7 +570,7 @@ def _aot_step(kw: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rows: tuple[
             program = torch.export.export(_StepModule(kw), args, strict=False)
             path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
                                                             inductor_configs=configs)
-            _AOT_STEPS[key] = _AOTStep(torch._inductor.aoti_load_package(path), (x.dtype, x.device))
+            _AOT_STEPS[key] = _AOTStep(torch._inductor.aoti_load_package(path))
     return _AOT_STEPS[key]
 
 

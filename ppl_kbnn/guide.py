@@ -192,12 +192,13 @@ class KalmanGuide(PyroModule):
         outlier_threshold: the ``d²`` threshold; default ``None``: the ``χ²_m`` quantile at ``1 - 10⁻⁶`` for ``m``
             observed outputs (:func:`~ppl_kbnn.hyper.default_threshold`; 23.93 for ``m = 1``).
         compile: ``False`` (default): the update runs op by op. ``True`` (``update="kbnn"``): compiled — on a chain
-            the whole sample step (``hidden="diag"``, fixed ``obs_noise``, no ``prior_scale="auto"``), ahead of time
-            with AOTInductor and called without ``torch.compile``'s per-call guards (the sample's values are checked
-            inside the compiled step); on a transformer the moment propagation with its backward pass (the
-            statistical Jacobian), with ``torch.compile``. Both need a C++ compiler; the first update compiles (tens
-            of seconds for a small chain, minutes for a transformer). A string names a ``torch.compile`` backend
-            (``"inductor"``, ``"eager"``, ``"aot_eager"``). Same results up to round-off; measured in docs/bench.md.
+            the whole sample step (``hidden="diag"``, fixed ``obs_noise``, no ``prior_scale="auto"``), on the CPU
+            ahead of time with AOTInductor and called without ``torch.compile``'s per-call guards (the sample's values
+            are checked inside the compiled step; on a GPU with ``torch.compile``); on a transformer the moment
+            propagation with its backward pass (the statistical Jacobian), with ``torch.compile``. Both need a C++
+            compiler; the first update compiles (tens of seconds for a small chain, minutes for a transformer). A
+            string names a ``torch.compile`` backend (``"inductor"``, ``"eager"``, ``"aot_eager"``). Same results up
+            to round-off; measured in docs/bench.md.
 
     The belief is :attr:`belief` (a :class:`~ppl_kbnn.beliefs.Belief`); :meth:`layer` / :meth:`set_layer` read
     and set one linear map's rows. Fixed (non-Bayesian) entries have zero variance and never move.

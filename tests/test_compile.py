@@ -344,3 +344,20 @@ def test_aot_compiled_update_rejects_bad_values_atomically(aot_guides):
     with pytest.raises(ValueError, match="x: contains NaN entries"):
         comp.update(X, y[:3])
     _unchanged(comp, before)
+
+
+def test_compiled_step_is_rebuilt_when_the_guide_moves():
+    """``guide.float()`` after compiled updates: the step is rebuilt for float32 (the ahead-of-time package of
+    ``compile=True`` is compiled for one dtype and device) and agrees with the plain float32 update bit for bit."""
+    model = _model()
+    x, y = _data(6)
+    plain, comp = KalmanGuide(model, outliers="gate"), KalmanGuide(model, outliers="gate", compile="eager")
+    plain.update(x[:3], y[:3])
+    comp.update(x[:3], y[:3])
+    first = comp.engine._compiled
+    plain.float()
+    comp.float()
+    plain.update(x[3:].float(), y[3:].float())
+    comp.update(x[3:].float(), y[3:].float())
+    assert comp.engine._compiled is not first and comp.engine._placement == (torch.float32, torch.device("cpu"))
+    _same_state(plain, comp)
