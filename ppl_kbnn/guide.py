@@ -18,11 +18,12 @@ As a Pyro guide it samples every Bayesian site of the model from the belief, so
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import pyro
@@ -128,6 +129,22 @@ def _parse(model: BayesianModel) -> list[_Linear | _Activation]:
     if not any(isinstance(n, _Linear) for n in nodes):
         raise ValueError("the network has no Linear layer")
     return nodes
+
+
+def _no_grad(f: Callable) -> Callable:
+    """``@torch.no_grad()`` for :meth:`KalmanGuide.update` with less Python per call (it runs once per sample: the
+    context manager's objects cost a few microseconds, a fifth of a compiled chain update's Python)."""
+
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return f(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(prev)
+
+    return call
 
 
 def _take(x, i: int):
@@ -607,7 +624,7 @@ class KalmanGuide(PyroModule):
             mean, var = f.mean(0), f.var(0)
         return mean, var + self.obs_noise**2
 
-    @torch.no_grad()
+    @_no_grad
     def update(self, x: torch.Tensor, y: torch.Tensor) -> KalmanGuide:
         """Sequential closed-form update with the samples ``(x_i, y_i)``, in order.
 
@@ -680,7 +697,7 @@ class KalmanGuide(PyroModule):
                 f"sample(s) with an innovation beyond the outlier threshold (squared Mahalanobis distance > {thr}) "
                 "were absorbed as usual and counted in guard_counts['outlier']. Use outliers='gate' or 'wolf' for "
                 "robust updates, or obs_noise='auto' if the noise is larger than assumed.", OutlierWarning,
-                stacklevel=4)  # fmt: skip  (1: here, 2: update, 3: torch.no_grad's wrapper, 4: the caller of update)
+                stacklevel=4)  # fmt: skip  (1: here, 2: update, 3: _no_grad's wrapper, 4: the caller of update)
 
     def _select(self, k: int) -> None:
         """Point :attr:`belief` (and the noise belief) at candidate prior scale ``k`` (plain attributes: the
