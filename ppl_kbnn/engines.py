@@ -234,6 +234,8 @@ class KBNNChain(_CompileOption):
             return 0
         if x.dim() == 1:
             x = x[None]
+        elif x.dim() != 2:
+            return 0
         n = x.shape[0]
         if y.dim() == 1 and d_out == 1 and y.shape[0] == n:
             y = y[:, None]

@@ -256,7 +256,8 @@ def test_lean_update_takes_the_common_case_and_declines_the_rest():
     assert guide.engine.lean_update(x[2], y[2]) == 1  # one sample without its batch dim
     assert guide.n_updates == 3 and guide.update_seconds > 0
     before = _state(guide)
-    for args in [(x[:2].float(), y[:2]), (x[:2], y[:3]), (x[:2, :1], y[:2]), (x[:0], y[:0]), (x[:2].tolist(), y[:2])]:
+    for args in [(x[:2].float(), y[:2]), (x[:2], y[:3]), (x[:2, :1], y[:2]), (x[:0], y[:0]), (x[:2].tolist(), y[:2]),
+                 (x[0, 0], y[0]), (x[None, :2], y[:2])]:  # fmt: skip
         assert guide.engine.lean_update(*args) == 0
         _unchanged(guide, before)
     with pytest.raises(ValueError, match="y: expected shape"):
