@@ -512,8 +512,10 @@ def _fresh(f: Any) -> Any:
     return g
 
 
-AOT_INDUCTOR_CONFIGS: dict[str, Any] = {"realize_opcount_threshold": 4,
-                                        "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+AOT_INDUCTOR_CONFIGS: dict[str, Any] = {
+    "realize_opcount_threshold": 4,
+    "post_grad_fusion_options": {"decompose_mm_pass": {}},
+}
 """Inductor settings of the ahead-of-time compiled chain step. ``realize_opcount_threshold``: a pointwise result with
 more operations than this is stored once rather than recomputed inside each consumer's loop (inductor's CPU default,
 50, recomputes a ReLU layer's output moments, ``erf`` and ``exp``, inside every loop over a ``(p, p)`` weight block
@@ -570,8 +572,9 @@ def _aot_step(kw: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rows: tuple[
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.export.export(_StepModule(kw), args, strict=False)
-            path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
-                                                            inductor_configs=configs)
+            path = torch._inductor.aoti_compile_and_package(
+                program, package_path=f"{tmp}/step.pt2", inductor_configs=configs
+            )
             _AOT_STEPS[key] = _AOTStep(torch._inductor.aoti_load_package(path))
     return _AOT_STEPS[key]
 
