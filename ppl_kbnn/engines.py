@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
+import time
 import types
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from ._threads import warn_if_oversubscribed
 from .beliefs import Belief, BlockBelief, DiagBelief, FullBelief, LowRankBelief
 from .hyper import observation
 from .kalman import (
@@ -52,12 +55,15 @@ from .kalman import (
 )
 from .kalman.steps import _safe_div, _weight_update
 from .moments import activation_moments, linear_moments, validation
+from .moments._checks import is_validating, set_validation
 from .propagate import Propagator, full_cov
 
 if TYPE_CHECKING:
     from .guide import KalmanGuide
 
 __all__ = ["ENGINES", "EKF", "SLR", "KBNNChain", "KBNNTransformer", "NetworkFunction", "READOUTS"]
+
+_LOG_2PI = math.log(2 * math.pi)
 
 READOUTS = ("moments", "linearised", "sampled")
 """Predictive read-outs: closed-form moment propagation, Jacobian linearisation at the mean, Monte Carlo draws."""
@@ -141,6 +147,8 @@ class _CompileOption(Engine):
         super().__init__(guide)
         self.compile = _compile_arg(compile)
         self._compiled: Any = None
+        self._lean: Any = None  # KBNNChain.lean_update's per-guide constants, set on its first call
+        self._placement: tuple | None = None  # the (dtype, device) the compiled function was built for
 
     @classmethod
     def options(cls) -> set[str]:  # noqa: D102
@@ -154,26 +162,135 @@ class KBNNChain(_CompileOption):
     """KBNN on an ``nn.Sequential`` chain: forward moments, output filter, smoothing I/II (:mod:`ppl_kbnn.kalman`).
 
     Option ``compile`` (``hidden="diag"``, fixed observation noise, one prior): ``False`` (default) runs the step
-    op by op; ``True`` compiles the whole sample step (forward moments, observation test, filter, smoothing, guard
-    counts) with ``torch.compile`` (inductor, which needs a C++ compiler) and ``"eager"`` / ``"aot_eager"`` / any
-    other backend name uses that backend. The compiled step returns the new rows and every count as tensors, read
-    back once per sample; the results equal the op-by-op step up to round-off (fused kernels reorder sums).
+    op by op. Otherwise the whole sample step (forward moments, observation test, filter, smoothing, guard counts,
+    the finiteness of the sample and of the new rows) is one compiled function that returns the new rows and every
+    count as tensors, read back once per sample. ``True`` on the CPU compiles it ahead of time with AOTInductor
+    (``torch.export`` + ``torch._inductor.aoti_compile_and_package``, which needs a C++ compiler; once per process
+    for a structure, settings, dtype and device) and calls the compiled code directly: no ``torch.compile`` guards
+    or wrappers per call, so the shapes, dtypes and devices are checked by the guide (:meth:`lean_update`); on a
+    GPU ``True`` means ``torch.compile`` with inductor (the ahead-of-time path is not tested there). A
+    ``torch.compile`` backend name (``"inductor"``, ``"eager"``, ``"aot_eager"``, ...) compiles it with
+    ``torch.compile`` and that backend instead. ``"eager"`` gives the op-by-op results bit for bit; inductor's fused
+    kernels agree up to round-off (they reorder sums; with one output the ahead-of-time step also takes ``√S``
+    instead of LAPACK's 1 × 1 Cholesky factor, which differ in the last bit).
     """
 
     key, beliefs, readout = "kbnn", (BlockBelief, DiagBelief), "moments"
 
     def _compiled_step(self) -> Any:
-        """The compiled sample step of :func:`_chain_diag_step` for this guide's structure and settings."""
-        if self._compiled is None:
-            g = self.guide
+        """The compiled sample step of :func:`_chain_diag_step` for this guide's structure, settings, dtype and
+        device: ``(x (1, d_in), y (1, d_out), rows) -> (new rows, stats)``. ``compile=True``: on the CPU compiled
+        ahead of time (AOTInductor, :func:`_aot_step`), elsewhere ``torch.compile`` with inductor; a backend name:
+        ``torch.compile`` with that backend. Rebuilt when the guide has been moved (``guide.to``)."""
+        g = self.guide
+        placement = (g.dtype, g.device)
+        if self._compiled is None or self._placement != placement:
             nodes = tuple((n.index, None) if hasattr(n, "weight_site") else (None, n.activation) for n in g.nodes)
-            fn = functools.partial(
-                _fresh(_chain_diag_step), nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind,
-                noise_var=float(g.obs_noise) ** 2, var_floor=g.guards.var_floor, gain_clip=g.guards.gain_clip,
-                outliers=g.outliers, threshold=g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
-            backend = "inductor" if self.compile is True else self.compile
-            self._compiled = torch.compile(fn, backend=backend, dynamic=False)
+            kw = dict(nodes=nodes, kind=g._kind, w_kind=g.belief.w_kind, noise_var=float(g.obs_noise) ** 2,
+                      var_floor=g.guards.var_floor, gain_clip=g.guards.gain_clip, outliers=g.outliers,
+                      threshold=g._outlier_threshold(g._linears[-1].d_out))  # fmt: skip
+            if self.compile is True and g.device.type == "cpu":
+                rows = tuple(t for s in g.belief.layout.slots for t in g.belief.rows(s.index))
+                x = torch.zeros(1, g._linears[0].d_in, dtype=g.dtype, device=g.device)
+                y = torch.zeros(1, g._linears[-1].d_out, dtype=g.dtype, device=g.device)
+                self._compiled = _aot_step(kw, x, y, rows)
+            else:  # (AOTInductor on a GPU is untested here: the GPU keeps torch.compile)
+                fn = functools.partial(_fresh(_chain_diag_step), **kw)
+                backend = "inductor" if self.compile is True else self.compile
+                self._compiled = torch.compile(fn, backend=backend, dynamic=False)
+            self._placement = placement
         return self._compiled
+
+    def lean_update(self, x: Any, y: Any) -> int:
+        """``guide.update(x, y)`` through the compiled step with the least Python per sample, or 0 where the full
+        path must run (which then checks, raises or falls back exactly as :meth:`KalmanGuide.update` does).
+
+        Taken for tensors of the belief's dtype and device in the shapes ``update`` accepts (``x`` ``(N, d_in)`` or
+        ``(d_in,)``; ``y`` ``(N, d_out)``, or ``(N,)`` / ``(d_out,)`` where unambiguous), with the model where the
+        belief is, no process noise, jitter or PSD repair. Whether ``x`` and ``y`` are finite is computed inside the
+        compiled step and read back with its other numbers (one host read per sample). Where a sample is not finite,
+        its innovation covariance is not positive definite or its update is not finite, every sample of the call is
+        taken back (the belief, counters and guard counts as before the call) and 0 returned: the full path then
+        raises the usual ``ValueError`` / ``FloatingPointError`` or runs the op-by-op step. Returns the number of
+        samples absorbed; sets ``n_updates`` and ``update_seconds``."""
+        g = self.guide
+        belief = g.belief
+        if self._lean is None:
+            slots = belief.layout.slots
+            keys = [k for s in slots for k in (f"mean_{s.index}", f"cov_{s.index}")]
+            self._lean = (g.process_noise == 0 and g.guards.jitter == 0 and not g.guards.psd_repair,
+                          (g._linears[0].d_in, g._linears[-1].d_out), [s.index for s in slots], keys[0],
+                          operator.itemgetter(*keys), g._outlier_threshold(g._linears[-1].d_out),
+                          g.outliers == "gate")  # fmt: skip
+        eligible, (d_in, d_out), indices, first, rows, threshold, gate = self._lean
+        if not eligible:
+            return 0
+        bufs = belief._buffers
+        ref = bufs[first]
+        dtype, device = ref.dtype, ref.device
+        if type(x) is not torch.Tensor or type(y) is not torch.Tensor or x.dtype != dtype or y.dtype != dtype:
+            return 0
+        if x.device != device or y.device != device or g._model.dtype != dtype or g._model.device != device:
+            return 0
+        if x.dim() == 1:
+            x = x[None]
+        elif x.dim() != 2:
+            return 0
+        n = x.shape[0]
+        if y.dim() == 1 and d_out == 1 and y.shape[0] == n:
+            y = y[:, None]
+        elif y.dim() == 1 and n == 1 and y.shape[0] == d_out:
+            y = y[None]
+        if x.shape != (n, d_in) or y.shape != (n, d_out) or n == 0:
+            return 0
+        if torch.get_num_threads() > 1:  # (it returns at once at one thread)
+            warn_if_oversubscribed()
+        step = self._compiled
+        if step is None or self._placement != (dtype, device):
+            step = self._compiled_step()
+        aot = isinstance(step, _AOTStep)
+        swap, gd = belief._swap, g.__dict__  # (the per-update counters live in __dict__)
+        snapshot, last = dict(bufs), (gd["_last_d2"], gd["_last_logpdf"])
+        outliers = floors = clips = 0
+        checks = is_validating()
+        if not aot:
+            set_validation(False)  # torch.compile traces the moment functions: their checks off, as in the plain step
+        t0 = time.perf_counter()
+        try:
+            for xi, yi in ((x, y),) if n == 1 else zip(x.split(1), y.split(1), strict=True):  # (1, d_in), (1, d_out)
+                new, stats = step(xi, yi, rows(bufs))
+                d2, logdet, n_floor, n_clip, info, finite, data_ok = stats.tolist()  # the one read-back of the sample
+                if not (data_ok and info == 0 and finite):  # the full path raises or falls back (nothing kept)
+                    bufs.update(snapshot)
+                    gd["_last_d2"], gd["_last_logpdf"] = last
+                    return 0
+                gd["_last_d2"], gd["_last_logpdf"] = d2, -0.5 * (d2 + logdet + d_out * _LOG_2PI)
+                if d2 > threshold:
+                    outliers += 1
+                    if gate:
+                        continue
+                floors += n_floor
+                clips += n_clip
+                for k, index in enumerate(indices):
+                    swap(index, new[2 * k], new[2 * k + 1])
+        except BaseException:  # an interruption: put every row back, then re-raise
+            bufs.update(snapshot)
+            gd["_last_d2"], gd["_last_logpdf"] = last
+            raise
+        finally:
+            if not aot:
+                set_validation(checks)
+        counts = g.guards.counts
+        if outliers:
+            counts["outlier"] += outliers
+        if floors:
+            counts["var_floor"] += int(floors)
+        if clips:
+            counts["gain_clip"] += int(clips)
+        gd["_outliers_in_call"] = outliers
+        gd["n_updates"] += n
+        gd["update_seconds"] += time.perf_counter() - t0
+        return n
 
     def forward_moments(self, x: torch.Tensor, beliefs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Moments of the network output for inputs ``x`` ``(..., T, d_in)``; the cache holds, per node,
@@ -206,8 +323,8 @@ class KBNNChain(_CompileOption):
         slots = g.belief.layout.slots
         rows = tuple(t for s in slots for t in g.belief.rows(s.index))
         with validation(False):
-            new, stats = self._compiled_step()(x, y, rows)
-        d2, logdet, n_floor, n_clip, info, finite = stats.tolist()  # the one read-back of the sample
+            new, stats = self._compiled_step()(x[None], y[None], rows)
+        d2, logdet, n_floor, n_clip, info, finite, _ = stats.tolist()  # the one read-back of the sample
         if info != 0:
             return False
         m = y.shape[0]
@@ -296,16 +413,21 @@ def _chain_diag_step(
     gain_clip: float | None,
     outliers: str,
     threshold: float,
+    scalar: bool = False,
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """One KBNN chain sample step (``hidden="diag"``, fixed noise) as a pure function of tensors, for
     ``torch.compile``: the same operations as :meth:`KBNNChain._backward_diag` with the guards counted as tensors.
 
+    ``x`` ``(1, d_in)`` and ``y`` ``(1, d_out)``: one sample (a row of the caller's batch, taken without a copy).
+
     ``rows``: ``(mean_0, cov_0, mean_1, cov_1, ...)`` in layer order; ``nodes``: per node ``(layer index, None)``
     or ``(None, activation)``. Returns the new rows (same layout; a layer the step does not reach keeps its
-    tensors; block covariances symmetrised) and ``stats`` ``(6,)``: ``d²``, ``log det S``, var-floor and gain-clip
-    counts, Cholesky ``info``, and 1 if every new row is finite (else 0).
+    tensors; block covariances symmetrised) and ``stats`` ``(7,)``: ``d²``, ``log det S``, var-floor and gain-clip
+    counts, Cholesky ``info``, 1 if every new row is finite (else 0), 1 if ``x`` and ``y`` are finite (else 0).
+    ``scalar``: with one output, ``S`` is a number and its Cholesky factor a square root (no LAPACK call; the same
+    values up to round-off: LAPACK's factor of a 1 × 1 matrix is not always the correctly rounded square root).
     """
-    mean, cov, cache = x[None, :], None, []
+    mean, cov, cache = x, None, []  # (1, d_in)
     for index, act in nodes:
         if index is not None:
             out = linear_moments(mean, cov, rows[2 * index], rows[2 * index + 1], kind=kind, w_kind=w_kind)
@@ -314,13 +436,21 @@ def _chain_diag_step(
         cache.append((index, cov, out))
         mean, cov = out.mean, out.cov
     var = cov  # (1, d_out)
-    resid = y - mean[0]
+    resid = y[0] - mean[0]  # (d_out,)
     R = torch.full(resid.shape, noise_var, dtype=resid.dtype, device=resid.device)
-    S = torch.diag(var[0]) + torch.diag(R)  # as ppl_kbnn.hyper.observation
-    L, info = torch.linalg.cholesky_ex(S)
-    z = torch.linalg.solve_triangular(L, resid[:, None], upper=False)[:, 0]
-    d2 = z @ z
-    logdet = 2.0 * torch.log(torch.diagonal(L)).sum()
+    if scalar and resid.shape[0] == 1:  # one output: S is a number (no LAPACK calls; equal up to round-off)
+        s = var[0, 0] + R[0]
+        sd = torch.sqrt(s)
+        info = (~(s > 0)).to(torch.int32)  # not positive (or NaN): as cholesky_ex's info
+        z = resid / sd
+        d2 = (z * z)[0]
+        logdet = 2.0 * torch.log(sd)
+    else:
+        S = torch.diag(var[0]) + torch.diag(R)  # as ppl_kbnn.hyper.observation
+        L, info = torch.linalg.cholesky_ex(S)
+        z = torch.linalg.solve_triangular(L, resid[:, None], upper=False)[:, 0]
+        d2 = z @ z
+        logdet = 2.0 * torch.log(torch.diagonal(L)).sum()
     if outliers == "wolf":
         R = R / (1.0 / (1.0 + d2 / threshold))
     n_floor = n_clip = torch.zeros((), dtype=var.dtype, device=var.device)
@@ -332,7 +462,7 @@ def _chain_diag_step(
         n_clip = n_clip + (k.abs() > gain_clip).sum()
         return k.clamp(-gain_clip, gain_clip)
 
-    filt_mean, filt_var = filter_step(mean, var, y[None, :], R)
+    filt_mean, filt_var = filter_step(mean, var, y, R)
     d_mean, d_var = filt_mean - mean, filt_var - var
     new = list(rows)
     for index, in_var, out in reversed(cache):
@@ -355,7 +485,9 @@ def _chain_diag_step(
     if w_kind == "block":  # symmetrised as BlockBelief commits them (the same ops; repeating them changes nothing)
         new[1::2] = [0.5 * (c + c.mT) for c in new[1::2]]
     finite = torch.stack([torch.isfinite(t).all() for t in new]).all()
-    stats = torch.stack([d2, logdet, n_floor.to(d2.dtype), n_clip.to(d2.dtype), info.to(d2.dtype), finite.to(d2.dtype)])
+    data_ok = torch.isfinite(x).all() & torch.isfinite(y).all()  # the sample's values (checked here, read back once)
+    stats = torch.stack([d2, logdet, n_floor.to(d2.dtype), n_clip.to(d2.dtype), info.to(d2.dtype), finite.to(d2.dtype),
+                         data_ok.to(d2.dtype)])  # fmt: skip
     return tuple(new), stats
 
 
@@ -378,6 +510,73 @@ def _fresh(f: Any) -> Any:
     g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
     g.__kwdefaults__ = f.__kwdefaults__
     return g
+
+
+AOT_INDUCTOR_CONFIGS: dict[str, Any] = {
+    "realize_opcount_threshold": 4,
+    "post_grad_fusion_options": {"decompose_mm_pass": {}},
+}
+"""Inductor settings of the ahead-of-time compiled chain step. ``realize_opcount_threshold``: a pointwise result with
+more operations than this is stored once rather than recomputed inside each consumer's loop (inductor's CPU default,
+50, recomputes a ReLU layer's output moments, ``erf`` and ``exp``, inside every loop over a ``(p, p)`` weight block
+that reads them: the 1-50-1 block step took 90 µs instead of 50). ``decompose_mm_pass``: a product with one row (a
+sample's first linear map) becomes part of the generated kernel instead of a call into ATen's ``addmm``."""
+
+_AOT_STEPS: dict[tuple, _AOTStep] = {}  # compiled steps by structure, settings, shapes, dtype and device
+
+
+class _StepModule(nn.Module):
+    """:func:`_chain_diag_step` with fixed settings as a module of tensors only, for ``torch.export``."""
+
+    def __init__(self, kw: dict[str, Any]) -> None:
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with validation(False):
+            new, stats = _chain_diag_step(x, y, rows, scalar=True, **self.kw)
+        return (*new, stats)
+
+
+class _AOTStep:
+    """A loaded AOTInductor package of :func:`_chain_diag_step`: ``(x, y, rows) -> (new rows, stats)``, called
+    without ``torch.compile``'s guards or wrappers. The package was compiled for contiguous tensors of fixed shapes,
+    dtype and device; the shapes, dtype and device are the caller's to check (:meth:`KBNNChain.lean_update` and
+    :meth:`KalmanGuide.update` do), contiguity is made here."""
+
+    def __init__(self, model: Any) -> None:
+        self._run = model.loader.boxed_run  # the flat call under AOTICompiledModel.__call__ (no pytree round trip)
+
+    def __deepcopy__(self, memo: dict) -> _AOTStep:
+        return self  # compiled code, no state: a copied guide shares it
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rows: tuple[torch.Tensor, ...]) -> tuple[list, torch.Tensor]:
+        out = self._run([t if t.is_contiguous() else t.contiguous() for t in (x, y, *rows)])
+        return out[:-1], out[-1]
+
+
+def _aot_step(kw: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rows: tuple[torch.Tensor, ...]) -> _AOTStep:
+    """The AOTInductor-compiled :func:`_chain_diag_step` for settings ``kw`` and example inputs (their shapes, dtype
+    and device), compiled once per process and shared by guides of the same structure and settings."""
+    configs = dict(AOT_INDUCTOR_CONFIGS)
+    key = (tuple(sorted(kw.items())), repr(sorted(configs.items())), x.dtype, str(x.device), tuple(x.shape),
+           tuple(y.shape), tuple(tuple(t.shape) for t in rows))  # fmt: skip
+    if key not in _AOT_STEPS:
+        import tempfile
+
+        import torch._inductor
+
+        args = (x, y, *(t.contiguous() for t in rows))
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+            # torch.export and inductor's own deprecation notices (about their internals, not about this call)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.export.export(_StepModule(kw), args, strict=False)
+            path = torch._inductor.aoti_compile_and_package(
+                program, package_path=f"{tmp}/step.pt2", inductor_configs=configs
+            )
+            _AOT_STEPS[key] = _AOTStep(torch._inductor.aoti_load_package(path))
+    return _AOT_STEPS[key]
 
 
 def _compile_arg(compile: Any) -> bool | str:  # noqa: A002

@@ -18,11 +18,12 @@ As a Pyro guide it samples every Bayesian site of the model from the belief, so
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import pyro
@@ -139,6 +140,22 @@ def _parse(model: BayesianModel) -> list[_Linear | _Activation]:
     return nodes
 
 
+def _no_grad(f: Callable) -> Callable:
+    """``@torch.no_grad()`` for :meth:`KalmanGuide.update` with less Python per call (it runs once per sample: the
+    context manager's objects cost a few microseconds, a fifth of a compiled chain update's Python)."""
+
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return f(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(prev)
+
+    return call
+
+
 def _take(x, i: int):
     """Sample ``i`` of a batch (a tensor or a dict of tensors), keeping a batch dim of 1."""
     if isinstance(x, dict):
@@ -200,12 +217,14 @@ class KalmanGuide(PyroModule):
             stays allocated).
         outlier_threshold: the ``d²`` threshold; default ``None``: the ``χ²_m`` quantile at ``1 - 10⁻⁶`` for ``m``
             observed outputs (:func:`~ppl_kbnn.hyper.default_threshold`; 23.93 for ``m = 1``).
-        compile: ``False`` (default): the update runs op by op. ``True`` (``update="kbnn"``): compiled with
-            ``torch.compile`` — on a chain the whole sample step (``hidden="diag"``, fixed ``obs_noise``, no
-            ``prior_scale="auto"``), on a transformer the moment propagation with its backward pass (the statistical
-            Jacobian). Inductor needs a C++ compiler; the first update compiles (tens of seconds for a small chain,
-            minutes for a transformer). A string names another ``torch.compile`` backend (``"eager"``,
-            ``"aot_eager"``). Same results up to round-off; measured in docs/bench.md.
+        compile: ``False`` (default): the update runs op by op. ``True`` (``update="kbnn"``): compiled — on a chain
+            the whole sample step (``hidden="diag"``, fixed ``obs_noise``, no ``prior_scale="auto"``), on the CPU
+            ahead of time with AOTInductor and called without ``torch.compile``'s per-call guards (the sample's values
+            are checked inside the compiled step; on a GPU with ``torch.compile``); on a transformer the moment
+            propagation with its backward pass (the statistical Jacobian), with ``torch.compile``. Both need a C++
+            compiler; the first update compiles (tens of seconds for a small chain, minutes for a transformer). A
+            string names a ``torch.compile`` backend (``"inductor"``, ``"eager"``, ``"aot_eager"``). Same results up
+            to round-off; measured in docs/bench.md.
 
     The belief is :attr:`belief` (a :class:`~ppl_kbnn.beliefs.Belief`); :meth:`layer` / :meth:`set_layer` read
     and set one linear map's rows. Fixed (non-Bayesian) entries have zero variance and never move.
@@ -617,7 +636,7 @@ class KalmanGuide(PyroModule):
             mean, var = f.mean(0), f.var(0)
         return mean, var + self.obs_noise**2
 
-    @torch.no_grad()
+    @_no_grad
     def update(self, x: torch.Tensor, y: torch.Tensor) -> KalmanGuide:
         """Sequential closed-form update with the samples ``(x_i, y_i)``, in order.
 
@@ -625,6 +644,9 @@ class KalmanGuide(PyroModule):
         update produces a non-finite belief; in both cases, and on any interruption (``KeyboardInterrupt``
         included), the belief, ``n_updates`` and ``guard_counts`` are left exactly as they were.
         """
+        if isinstance(self.engine, KBNNChain) and self.engine.compile is not False and self.engine.lean_update(x, y):
+            self._warn_outliers()  # the compiled chain step absorbed every sample (checks included; lean_update)
+            return self
         self._check_placement()
         if self.transformer:
             x, n = self._check_seq_x(x)
@@ -674,6 +696,12 @@ class KalmanGuide(PyroModule):
             self._in_batch = 0
         self.n_updates += n
         self.update_seconds += time.perf_counter() - t0
+        self._warn_outliers()
+        return self
+
+    def _warn_outliers(self) -> None:
+        """The end of :meth:`update`: one :class:`~ppl_kbnn.hyper.OutlierWarning` if samples of the call were flagged
+        (``outliers="warn"``)."""
         if self._outliers_in_call and self.outliers == "warn":
             # a constant text: Python shows it once per calling line, the counts are in guard_counts["outlier"]
             thr = "the chi-square 1-1e-6 quantile" if self.outlier_threshold is None else self.outlier_threshold
@@ -681,8 +709,7 @@ class KalmanGuide(PyroModule):
                 f"sample(s) with an innovation beyond the outlier threshold (squared Mahalanobis distance > {thr}) "
                 "were absorbed as usual and counted in guard_counts['outlier']. Use outliers='gate' or 'wolf' for "
                 "robust updates, or obs_noise='auto' if the noise is larger than assumed.", OutlierWarning,
-                stacklevel=3)  # fmt: skip  (1: here, 2: torch.no_grad's wrapper, 3: the caller of update)
-        return self
+                stacklevel=4)  # fmt: skip  (1: here, 2: update, 3: _no_grad's wrapper, 4: the caller of update)
 
     def _select(self, k: int) -> None:
         """Point :attr:`belief` (and the noise belief) at candidate prior scale ``k`` (plain attributes: the

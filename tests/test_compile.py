@@ -212,3 +212,153 @@ def test_bench_times_the_compiled_mlp_updates():
     bad = _mlp(dataclasses.replace(s, mlp_compile="no-such-backend"), 0, _Log(False))  # recorded, not raised
     assert set(bad["config"]["compile_errors"]) == {"kbnn-block-compiled", "kbnn-diag-compiled"}
     assert "Not compiled" in "\n".join(_mlp_markdown(bad))
+
+
+# ------------------------------------------------------------------------------------------ the lean update path
+
+
+def _state(guide: KalmanGuide) -> tuple:
+    return ({k: v.clone() for k, v in guide.belief.state_dict().items()}, guide.guard_counts, guide.n_updates,
+            guide._last_d2)  # fmt: skip
+
+
+def _unchanged(guide: KalmanGuide, before: tuple) -> None:
+    for k, v in guide.belief.state_dict().items():
+        assert torch.equal(v, before[0][k]), k
+    assert (guide.guard_counts, guide.n_updates) == before[1:3]
+    assert guide._last_d2 == before[3] or (guide._last_d2 != guide._last_d2 and before[3] != before[3])  # NaN
+
+
+@pytest.mark.parametrize("where", ["x", "y"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_lean_update_checks_values_inside_the_step(where, bad):
+    """The compiled update checks the sample values inside the compiled step: a NaN or inf in the third sample
+    gives the usual ValueError naming the tensor, and the two samples absorbed before it are taken back."""
+    model = _model()
+    x, y = _data(6)
+    guide = KalmanGuide(model, compile="eager", outliers="gate")
+    guide.update(x[:2], y[:2])
+    before = _state(guide)
+    X, Y = x[2:6].clone(), y[2:6].clone()
+    (X if where == "x" else Y)[2, 0] = bad
+    assert guide.engine.lean_update(X, Y) == 0  # the lean path declines, nothing changed
+    _unchanged(guide, before)
+    with pytest.raises(ValueError, match=f"{where}: contains {'NaN' if bad != bad else 'inf'} entries"):
+        guide.update(X, Y)
+    _unchanged(guide, before)
+
+
+def test_lean_update_takes_the_common_case_and_declines_the_rest():
+    model = _model()
+    x, y = _data(6)
+    guide = KalmanGuide(model, compile="eager", outliers="gate")
+    assert guide.engine.lean_update(x[:2], y[:2, 0]) == 2  # (N,) targets of a one-output network
+    assert guide.engine.lean_update(x[2], y[2]) == 1  # one sample without its batch dim
+    assert guide.n_updates == 3 and guide.update_seconds > 0
+    before = _state(guide)
+    for args in [(x[:2].float(), y[:2]), (x[:2], y[:3]), (x[:2, :1], y[:2]), (x[:0], y[:0]), (x[:2].tolist(), y[:2]),
+                 (x[0, 0], y[0]), (x[None, :2], y[:2])]:  # fmt: skip
+        assert guide.engine.lean_update(*args) == 0
+        _unchanged(guide, before)
+    with pytest.raises(ValueError, match="y: expected shape"):
+        guide.update(x[:2], y[:3])
+    for kwargs in [{"process_noise": 1e-4}, {"jitter": 1e-9}, {"psd_repair": True}]:  # applied by the full path
+        assert KalmanGuide(model, compile="eager", **kwargs).engine.lean_update(x[:2], y[:2]) == 0
+
+
+def test_lean_update_warns_once_from_the_callers_line():
+    model = _model()
+    x, y = _data(6)
+    guide = KalmanGuide(model, compile="eager")
+    with pytest.warns(OutlierWarning) as record:
+        guide.update(x, y)  # sample 3 is an outlier
+    assert len(record) == 1 and record[0].filename == __file__
+    assert guide.guard_counts["outlier"] == 1
+
+
+def test_scalar_innovation_equals_the_cholesky_one():
+    """``_chain_diag_step(scalar=True)`` (one output: a square root instead of LAPACK's Cholesky factor, used by the
+    ahead-of-time compiled step) agrees with the Cholesky path up to round-off."""
+    from ppl_kbnn.engines import _chain_diag_step
+    from ppl_kbnn.moments import validation
+
+    guide = KalmanGuide(_model(), covariance="block", var_floor=0.1)
+    x, y = _data(4)
+    rows = tuple(t for s in guide.belief.layout.slots for t in guide.belief.rows(s.index))
+    nodes = tuple((n.index, None) if hasattr(n, "weight_site") else (None, n.activation) for n in guide.nodes)
+    kw = dict(nodes=nodes, kind="diag", w_kind="block", noise_var=0.01, var_floor=0.1, gain_clip=None, outliers="wolf",
+              threshold=guide._outlier_threshold(1))  # fmt: skip
+    for xi, yi in zip(x.split(1), y.split(1), strict=True):
+        new_a, stats_a = _chain_diag_step(xi, yi, rows, **kw)
+        new_b, stats_b = _chain_diag_step(xi, yi, rows, scalar=True, **kw)
+        for a, b in zip((*new_a, stats_a), (*new_b, stats_b), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-15)
+        assert stats_b[4] == 0
+        with validation(False):  # a negative noise variance: S is not positive, reported like cholesky_ex's info
+            assert _chain_diag_step(xi, yi, rows, scalar=True, **(kw | {"noise_var": -1e6}))[1][4] == 1
+
+
+# ------------------------------------------------------------------------------------------ compile=True (AOTInductor)
+
+
+@pytest.fixture(scope="module")
+def aot_guides():
+    """One AOTInductor-compiled guide for the module (compiling takes seconds), beside a plain one, both after the
+    same first call."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no C++ compiler for inductor: {exc}")
+    model = _model(act=nn.GELU)
+    x, y = _data(12)
+    plain, comp = KalmanGuide(model, var_floor=0.5), KalmanGuide(model, var_floor=0.5, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierWarning)
+        plain.update(x[:6], y[:6])
+        comp.update(x[:6], y[:6])
+    return plain, comp, x, y
+
+
+def test_aot_compiled_update_agrees_with_the_plain_one(aot_guides):
+    plain, comp, x, y = aot_guides
+    assert comp.guard_counts == plain.guard_counts and comp.guard_counts["outlier"] == 1
+    X = x[6:12].T.contiguous().T  # a non-contiguous input (the package was compiled for contiguous ones)
+    assert not X.is_contiguous()
+    mean, cov = comp.layer("0")
+    m0, c0 = mean.clone(), cov.clone()
+    comp.update(X, y[6:12])
+    plain.update(x[6:12], y[6:12])
+    assert torch.equal(mean, m0) and torch.equal(cov, c0)  # fresh output tensors: nothing read before is overwritten
+    for (k, u), (_, v) in zip(plain.belief.state_dict().items(), comp.belief.state_dict().items(), strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-10, atol=1e-13, msg=k)
+    assert comp.guard_counts == plain.guard_counts and comp.n_updates == plain.n_updates == 12
+    assert comp._last_logpdf == pytest.approx(plain._last_logpdf, rel=1e-12)
+
+
+def test_aot_compiled_update_rejects_bad_values_atomically(aot_guides):
+    _, comp, x, y = aot_guides
+    before = _state(comp)
+    X = x[:3].clone()
+    X[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="x: contains NaN entries"):
+        comp.update(X, y[:3])
+    _unchanged(comp, before)
+
+
+def test_compiled_step_is_rebuilt_when_the_guide_moves():
+    """``guide.float()`` after compiled updates: the step is rebuilt for float32 (the ahead-of-time package of
+    ``compile=True`` is compiled for one dtype and device) and agrees with the plain float32 update bit for bit."""
+    model = _model()
+    x, y = _data(6)
+    plain, comp = KalmanGuide(model, outliers="gate"), KalmanGuide(model, outliers="gate", compile="eager")
+    plain.update(x[:3], y[:3])
+    comp.update(x[:3], y[:3])
+    first = comp.engine._compiled
+    plain.float()
+    comp.float()
+    plain.update(x[3:].float(), y[3:].float())
+    comp.update(x[3:].float(), y[3:].float())
+    assert comp.engine._compiled is not first and comp.engine._placement == (torch.float32, torch.device("cpu"))
+    _same_state(plain, comp)
