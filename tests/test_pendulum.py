@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -506,3 +507,30 @@ def test_predictive_mean_network_acts_with_kbt_predictive_mean():
         assert torch.allclose(pm, net(**ctx)[:, -1], atol=1e-5)  # a tiny prior: predictive mean ~ plug-in mean
     res = evaluate_dt(_PredictiveMeanDT(guide, net), NORM, "sensor_bias_0.1", [0, 1], max_steps=5)
     assert res["n"] == 2 and all(1 <= L <= 5 for L in res["lengths"])
+
+
+def test_unit_cache_resumes_without_rerunning_finished_units(tmp_path, monkeypatch):
+    """``--resume``: a finished unit is read back from ``units/<hash>.json`` (same arguments, same result, not run
+    again); other arguments run; a pre-training unit runs again when its network file is gone."""
+    from ppl_kbnn.pendulum import onpolicy
+
+    calls = []
+
+    def fake_unit(**job):
+        calls.append(job)
+        if job["kind"] == "pretrain":
+            Path(job["path"]).write_text("net")
+        return {"kind": job["kind"], "value": job.get("x", 0) * 2, "seconds": 0.0}
+
+    monkeypatch.setattr(onpolicy, "run_unit", fake_unit)
+    run_all = onpolicy._executor(1, cache=tmp_path / "units")
+    net = tmp_path / "pretrained_seed0.pt"
+    jobs = [{"kind": "pretrain", "path": str(net)}, {"kind": "stream", "x": 1}, {"kind": "stream", "x": 2}]
+    first = run_all(jobs)
+    assert len(calls) == 3 and [r.get("value") for r in first] == [0, 2, 4]
+    again = run_all([*jobs, {"kind": "stream", "x": 3}])
+    assert len(calls) == 4 and calls[-1]["x"] == 3  # only the new unit ran
+    assert again[:3] == first and again[3]["value"] == 6
+    net.unlink()
+    run_all(jobs)
+    assert len(calls) == 5 and calls[-1]["kind"] == "pretrain"  # its file was gone

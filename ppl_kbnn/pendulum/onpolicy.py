@@ -303,7 +303,8 @@ def _executor(
     ``num_cpus`` as there).
 
     With ``cache``, each finished unit is written to ``cache/<hash of its arguments>.json`` and a later call with
-    the same arguments reads it instead of running the unit again (an interrupted run resumes)."""
+    the same arguments reads it instead of running the unit again (an interrupted run resumes); a pre-training
+    unit only while the network file it wrote still exists."""
 
     def key(job: dict[str, Any]) -> str:
         import hashlib
@@ -315,7 +316,8 @@ def _executor(
         todo = []
         for i, job in enumerate(jobs):
             f = None if cache is None else cache / f"{key(job)}.json"
-            if f is not None and f.exists() and job.get("kind") != "pretrain":
+            # a pre-training unit is reused only while the network file it wrote is still there
+            if f is not None and f.exists() and (job.get("kind") != "pretrain" or Path(job["path"]).exists()):
                 results[i] = json.loads(f.read_text())
             else:
                 todo.append(i)
