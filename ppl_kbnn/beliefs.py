@@ -296,6 +296,17 @@ class Belief(nn.Module):
             raise FloatingPointError(f"the update of {what} produced a non-finite belief")
 
 
+def _reweighed(mean: torch.Tensor, cov: torch.Tensor, m0: torch.Tensor, lam0: torch.Tensor, c: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:meth:`Belief.reweigh_data` for dense covariances, batched: ``P' = (cI + (1-c) P Λ₀)⁻¹ P`` (symmetrised),
+    ``μ' = μ + (1-c) P' Λ₀ (μ₀ - μ)``. ``mean``, ``m0``, ``lam0`` (the prior precision's diagonal) ``(..., p)``;
+    ``cov`` ``(..., p, p)``."""
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    P = torch.linalg.solve(c * eye + (1 - c) * cov * lam0[..., None, :], cov)  # (..., p, p)
+    P = 0.5 * (P + P.mT)
+    return mean + (1 - c) * (P @ (lam0 * (m0 - mean))[..., None])[..., 0], P
+
+
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every entry of every tensor is finite, with one read-back: the largest magnitude of each tensor
     (``inf``-norm, one fused call; ``NaN`` and ``±inf`` propagate into it, and it cannot overflow) checked at once."""
@@ -359,10 +370,7 @@ class _RowBelief(Belief):
             m0 = self.layout.gather(prior_loc, s.index)  # (n, p)
             lam0 = self.layout.gather(lam0_flat, s.index)  # (n, p), 0 at fixed entries
             if self.w_kind == "block":
-                eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-                P = torch.linalg.solve(c * eye + (1 - c) * cov * lam0[:, None, :], cov)  # (cI + (1-c) P Λ₀)⁻¹ P
-                P = 0.5 * (P + P.mT)
-                mu = mean + (1 - c) * (P @ (lam0 * (m0 - mean))[..., None])[..., 0]
+                mu, P = _reweighed(mean, cov, m0, lam0, c)
             else:
                 P = cov / (c + (1 - c) * lam0 * cov)
                 mu = mean + (1 - c) * P * lam0 * (m0 - mean)
@@ -600,11 +608,7 @@ class FullBelief(Belief):
         self.cov.diagonal().add_(q)
 
     def reweigh_data(self, c, prior_loc, prior_var) -> None:  # noqa: D102
-        lam0 = 1.0 / prior_var  # (D,)
-        eye = torch.eye(lam0.shape[0], dtype=lam0.dtype, device=lam0.device)
-        P = torch.linalg.solve(c * eye + (1 - c) * self.cov * lam0, self.cov)  # (cI + (1-c) P Λ₀)⁻¹ P: (D, D)
-        P = 0.5 * (P + P.mT)
-        mu = self.loc + (1 - c) * P @ (lam0 * (prior_loc - self.loc))
+        mu, P = _reweighed(self.loc, self.cov, prior_loc, 1.0 / prior_var, c)
         self._check_finite(f"the full covariance (reweighing the data by {c:.6g}, obs_noise='auto')", mu, P)
         self.loc.copy_(mu)
         self.cov.copy_(P)

@@ -118,7 +118,7 @@ class NoiseBelief(nn.Module):
     ``alpha``, ``beta`` ``(d_out,)``, so it is part of the guide's ``state_dict``. ``rule``: what the guide does
     to the weight belief when the estimate moves (:data:`NOISE_RULES`)."""
 
-    RULES = ("reweigh", "conjugate", "independent")
+    RULES = tuple(NOISE_RULES.values())
 
     def __init__(self, d_out: int, prior_std: float, dtype: torch.dtype, alpha0: float = 1.0, rule: str = "reweigh",
                  *, device: torch.device | str | None = None) -> None:  # fmt: skip
