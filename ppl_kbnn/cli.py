@@ -16,7 +16,8 @@ Conventions of every command: results (the summary lines, the paths of the repor
 progress to stderr; progress bars are drawn only when stderr is a terminal (otherwise one line per
 stage), ``--no-progress`` hides the progress and nothing else. A ``--quick`` run is a smoke test and
 says so on stdout, in its markdown report and in its figures. Before a run, the earlier outputs of the
-same command in ``--out`` (the files listed by :data:`OUTPUTS`, nothing else) are removed, so an
+same command in ``--out`` (the files listed by :data:`OUTPUTS`, nothing else; ``pendulum --resume`` keeps
+its pre-trained networks) are removed, so an
 interrupted run never leaves a complete-looking earlier report beside its own partial outputs; the
 reports are written atomically (temporary file, then rename). A user error (bad option, unusable
 ``--out``, bad setting) prints one line on stderr and exits with 2.
@@ -126,6 +127,16 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     ),  # fmt: skip
     "bench": ("bench.json", "bench.md", "bench_*.png"),
 }
+
+
+def outputs_to_remove(args: argparse.Namespace) -> tuple[str, ...]:
+    """The earlier outputs removed from ``--out`` before a run: :data:`OUTPUTS` of the command, except that
+    ``pendulum --resume`` keeps the pre-trained networks (``pretrained_seed*.pt``), which the finished units it
+    reuses were run on (removing them would make the study pre-train every network again)."""
+    outputs = OUTPUTS[args.command]
+    if args.command == "pendulum" and getattr(args, "resume", False):
+        outputs = tuple(o for o in outputs if o != "pretrained_seed*.pt")
+    return outputs
 
 
 def environment() -> dict[str, Any]:
@@ -493,7 +504,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
                 return 2
             print(f"ppl-kbnn bench: skipped: {err}; nothing was run", file=sys.stderr)  # never required: exit 0
             return 0
-    prepare_out_dir(args.out, OUTPUTS[args.command])
+    prepare_out_dir(args.out, outputs_to_remove(args))
     if args.command == "pendulum":
         from . import pendulum
 

@@ -159,6 +159,25 @@ def test_interrupted_rerun_leaves_no_earlier_results(tmp_path, monkeypatch, caps
     assert {p.name for p in tmp_path.iterdir()} == {"pretrained.pt", "keep.csv"}
 
 
+def test_pendulum_resume_keeps_the_pretrained_networks(tmp_path, monkeypatch):
+    """A rerun removes the earlier networks; ``--resume`` keeps them (its cached units were run on them) and still
+    removes the earlier summary files."""
+    import ppl_kbnn.pendulum as pendulum
+
+    seen = []
+
+    def study(**kw):
+        seen.append(sorted(p.name for p in Path(kw["out_dir"]).iterdir()))
+        return {}
+
+    monkeypatch.setattr(pendulum, "run_onpolicy_study", study)
+    for resume, left in ((["--resume"], ["pretrained_seed0.pt", "pretrained_seed1.pt"]), ([], [])):
+        for name in ("results.json", "results.md", "pretrained_seed0.pt", "pretrained_seed1.pt"):
+            (tmp_path / name).write_text("earlier run")
+        assert cli.main(["pendulum", *resume, "--no-progress", "--out", str(tmp_path)]) == 0
+        assert seen[-1] == left
+
+
 def test_pendulum_result_lines_on_stdout(tmp_path, monkeypatch, capsys):
     import ppl_kbnn.pendulum as pendulum
 
